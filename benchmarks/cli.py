@@ -1,0 +1,251 @@
+"""Command line: run workloads in subprocesses, write results.json / results.md / charts.
+
+Usage::
+
+    python -m benchmarks                 # full set (~2 GB workload; < 10 min)
+    python -m benchmarks --quick         # small sizes (< 60 s)
+    python -m benchmarks --only b --out bench-out/b
+    python -m benchmarks --quick --tiny  # seconds; used by the test suite
+
+Each workload is measured in its own subprocess (``--isolate system`` gives
+each (workload, system) pair its own process); the parent records each
+child's peak RSS through ``os.wait4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import report
+from ._worker import OPS
+from .systems import SYSTEMS
+from .workloads import WORKLOADS, resolve_workload
+
+__all__ = ["main", "MODES", "RUNNERS"]
+
+#: mode -> (workload size, warm-up rounds, timed repetitions)
+MODES = {"full": ("full", 1, 5), "quick": ("quick", 1, 3), "tiny": ("tiny", 1, 2)}
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _spawn(spec: dict[str, Any], workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one worker subprocess; return its output and its process record."""
+    tag = f"{spec['workload']}-{'+'.join(spec['systems'])}"[:80]
+    spec_path = os.path.join(workdir, f"{tag}.spec.json")
+    spec["output"] = os.path.join(workdir, f"{tag}.out.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks._worker", spec_path], env=env)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    record = {
+        "workload": spec["workload"],
+        "systems": spec["systems"],
+        "returncode": proc.returncode,
+        "wall_s": time.perf_counter() - t0,
+        "ru_maxrss_mb": usage.ru_maxrss / 1024,
+    }
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker for {tag} failed with exit code {proc.returncode}")
+    with open(spec["output"]) as f:
+        return json.load(f), record
+
+
+def run_single(spec: dict[str, Any], isolate: str, workdir: str) -> list[tuple[dict, dict]]:
+    """Runner of single-process workloads: one subprocess per workload (or per system)."""
+    if isolate == "workload":
+        return [_spawn(spec, workdir)]
+    return [_spawn({**spec, "systems": [s]}, workdir) for s in spec["systems"]]
+
+
+#: workload kind -> runner; distributed workloads add their own
+RUNNERS: dict[str, Callable[[dict[str, Any], str, str], list[tuple[dict, dict]]]] = {
+    "single": run_single
+}
+
+
+def _merge(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge worker outputs of the same workload (``--isolate system``)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for out in outputs:
+        name = out["workload"]["name"]
+        if name not in merged:
+            merged[name] = {**out, "measurements": list(out["measurements"])}
+        else:
+            merged[name]["measurements"] += out["measurements"]
+    return list(merged.values())
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory() -> str:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    return "unknown"
+
+
+def _filesystem(path: str) -> str:
+    path = os.path.realpath(path)
+    best = ("", "unknown", "")
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mnt, fstype, opts, *_ = line.split()
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best[0]):
+                best = (mnt, f"{fstype} ({dev})", opts)
+    return f"{best[1]} mounted at {best[0]} [{best[2]}]"
+
+
+def _versions() -> str:
+    names = ["torch", "numpy", "zarr", "zarrckpt", "tensorstore", "safetensors"]
+    found = []
+    for n in names:
+        try:
+            found.append(f"{n} {importlib.metadata.version(n)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{n} ?")
+    return f"python {platform.python_version()}, " + ", ".join(found)
+
+
+def _parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``system.key=value`` items -> {system: {key: int or str}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        system, _, name = key.partition(".")
+        if not name or system not in SYSTEMS:
+            raise SystemExit(f"--opt expects SYSTEM.KEY=VALUE, got {item!r}")
+        out.setdefault(system, {})[name] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, 3 repetitions (< 60 s)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes for tests (seconds)")
+    p.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="workload name or alias (a, b, c); repeatable or comma-separated",
+    )
+    p.add_argument("--systems", default="", help="comma-separated subset of systems")
+    p.add_argument("--ops", default="", help=f"comma-separated subset of {', '.join(OPS)}")
+    p.add_argument("--repeats", type=int, help="timed repetitions (default by mode)")
+    p.add_argument("--warmup", type=int, help="warm-up rounds (default 1)")
+    p.add_argument("--data-dir", help="where checkpoints are written (default OUT/_data)")
+    p.add_argument("--keep-data", action="store_true", help="keep the data directory")
+    p.add_argument(
+        "--isolate",
+        choices=("workload", "system"),
+        default="workload",
+        help="one subprocess per workload (default) or per (workload, system)",
+    )
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="SYSTEM.KEY=VALUE",
+        help="option for a system, e.g. zarrckpt.threads=4 (repeatable)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    size, warmup, repeats = MODES[mode]
+    warmup = warmup if args.warmup is None else args.warmup
+    repeats = repeats if args.repeats is None else args.repeats
+    only = [w for item in args.only for w in item.split(",") if w]
+    workloads = [resolve_workload(w) for w in only] or list(WORKLOADS)
+    systems = [s for s in args.systems.split(",") if s] or list(SYSTEMS)
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
+    ops = [o for o in args.ops.split(",") if o] or list(OPS)
+    out_dir = os.path.abspath(args.out)
+    os.makedirs(out_dir, exist_ok=True)
+    data_dir = os.path.abspath(args.data_dir or os.path.join(out_dir, "_data"))
+    os.makedirs(data_dir, exist_ok=True)
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "mode": mode,
+        "warmup": warmup,
+        "repeats": repeats,
+        "workloads": workloads,
+        "systems": systems,
+        "ops": ops,
+        "options": _parse_options(args.opt),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory": _memory(),
+        "kernel": platform.release(),
+        "filesystem": _filesystem(data_dir),
+        "versions": _versions(),
+        "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    t0 = time.perf_counter()
+    outputs: list[dict[str, Any]] = []
+    processes: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="specs-", dir=data_dir) as workdir:
+            for name in workloads:
+                spec = {
+                    "workload": name,
+                    "size": size,
+                    "systems": systems,
+                    "ops": ops,
+                    "warmup": warmup,
+                    "repeats": repeats,
+                    "data_dir": data_dir,
+                    "options": meta["options"],
+                }
+                for output, record in RUNNERS[WORKLOADS[name].kind](spec, args.isolate, workdir):
+                    outputs.append(output)
+                    processes.append(record)
+                    _log(
+                        f"[{name}] process done in {record['wall_s']:.1f}s, "
+                        f"peak RSS {record['ru_maxrss_mb']:.0f} MB"
+                    )
+    finally:
+        if not args.keep_data and args.data_dir is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta["total_s"] = time.perf_counter() - t0
+    results = report.build_results(_merge(outputs), meta, processes)
+    for path in report.write_outputs(results, out_dir):
+        _log(f"wrote {path}")
+    print(report.markdown(results))
+    return 0

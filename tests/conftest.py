@@ -1,0 +1,160 @@
+"""Shared helpers of the single-process acceptance tests.
+
+Tensors are compared bit for bit: both sides are turned into their raw bytes
+(C order), so NaN payloads, signed zeros and float8 / bfloat16 bit patterns
+must survive exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import zarrckpt
+
+#: every dtype of the core issue
+DTYPES: list[torch.dtype] = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+]
+
+PYTHON = sys.executable
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` / ``np.dtype('bfloat16')`` -> ``"bfloat16"``."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return str(np.dtype(dtype))
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A tensor of random *bits* (every bit pattern, NaN payloads included; bools 0/1)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 1
+    for s in shape:
+        n *= s
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen, dtype=torch.uint8).bool()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * itemsize,), generator=gen, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def tensor_bytes(x: Any) -> bytes:
+    """Raw C-order bytes of a torch tensor or numpy array (any dtype, any strides)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+        return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    a = np.ascontiguousarray(np.asarray(x)).reshape(-1)
+    return a.view(np.uint8).tobytes()
+
+
+def digest(x: Any) -> tuple[str, tuple[int, ...], str]:
+    """(dtype name, shape, sha256 of the bytes): what bit-exact comparisons compare."""
+    return (dtype_name(x.dtype), tuple(x.shape), hashlib.sha256(tensor_bytes(x)).hexdigest())
+
+
+def bits_equal(expected: torch.Tensor, actual: Any) -> bool:
+    return digest(expected) == digest(actual)
+
+
+def assert_bits_equal(expected: torch.Tensor, actual: Any, what: str = "") -> None:
+    """Same dtype, same shape, same bytes."""
+    e, a = digest(expected), digest(actual)
+    assert e[:2] == a[:2], f"{what}: dtype/shape {a[:2]} != expected {e[:2]}"
+    assert e[2] == a[2], f"{what}: bytes differ ({dtype_name(expected.dtype)} {e[1]})"
+
+
+def save_fast(state_dict: Any, path: Any, **options: Any) -> None:
+    """``zarrckpt.save`` without fsync (durability is tested in test_crash.py)."""
+    options.setdefault("fsync", False)
+    zarrckpt.save(state_dict, path, **options)
+
+
+def array_path(fqn: str) -> str:
+    from zarrckpt._fqn import fqn_to_path
+
+    return fqn_to_path(fqn)
+
+
+# ----------------------------------------------------------------- other readers
+
+_PLAIN_ZARR_READER = r"""
+import hashlib, json, sys
+import numpy as np
+import zarr
+
+ckpt, paths = json.loads(sys.stdin.read())
+group = zarr.open_group(ckpt, mode="r")
+out = {}
+for path in paths:
+    data = np.asarray(group[path][...])
+    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    out[path] = [str(data.dtype), list(data.shape), hashlib.sha256(flat.tobytes()).hexdigest()]
+out["__modules__"] = sorted(m for m in ("zarrckpt", "torch") if m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def plain_zarr_digests(ckpt: str, paths: list[str]) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """Read arrays with plain zarr-python in a subprocess that never imports zarrckpt.
+
+    Returns ``{array path: (dtype, shape, sha256)}``. The subprocess asserts
+    that neither zarrckpt nor torch got imported (the bfloat16 / float8 data
+    types come from the torch-free zarr plug-in registered by entry point).
+    """
+    proc = subprocess.run(
+        [PYTHON, "-c", _PLAIN_ZARR_READER],
+        input=json.dumps([os.fspath(ckpt), paths]),
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.fspath(ckpt)),
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"plain zarr reader failed:\n{proc.stderr[-4000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("__modules__") == [], "the plain-zarr subprocess imported zarrckpt/torch"
+    return {p: (d, tuple(s), h) for p, (d, s, h) in out.items()}
+
+
+def tensorstore_read(ckpt: Any, path: str) -> np.ndarray:
+    """Read one array with tensorstore's zarr3 driver."""
+    import tensorstore as ts
+
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": f"{os.fspath(ckpt)}/{path}/"},
+    }
+    return np.asarray(ts.open(spec).result().read().result())
+
+
+# ----------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path: Any) -> Any:
+    """A fresh empty directory to hold checkpoints (tmp_path/ckpts)."""
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    return d

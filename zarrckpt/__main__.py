@@ -1,0 +1,5 @@
+"""``python -m zarrckpt``: the command line (see :mod:`zarrckpt.cli`)."""
+
+from .cli import main
+
+raise SystemExit(main())

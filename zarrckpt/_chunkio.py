@@ -1,0 +1,280 @@
+"""Encode and decode chunk files of the zarrckpt layout (zarr v3, uncompressed).
+
+A plain chunk file is the chunk's C-order little-endian bytes followed by their
+crc32c (4 bytes, little endian): zarr's ``bytes`` + ``crc32c`` codecs.
+A sharded chunk file is zarr's ``sharding_indexed`` format: the inner chunks,
+each encoded as a plain chunk, then the index (``(offset, nbytes)`` as
+little-endian uint64 per inner chunk in C order, ``2**64-1`` twice for an
+inner chunk that lies wholly outside the array) and the index's crc32c.
+
+Writes are gathered (``os.writev``) straight from the tensor's memory and
+reads are scattered (``os.preadv``) straight into the destination's memory
+whenever the bytes are contiguous there, so a chunk costs no extra copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c as _crc32c
+import numpy as np
+
+from ._layout import ArrayLayout, Region
+from .errors import CorruptCheckpointError
+
+__all__ = ["encode_chunk", "write_file", "ChunkReader", "crc32c"]
+
+EMPTY = np.uint64(2**64 - 1)
+_IOV_MAX = 512
+
+
+def crc32c(data: Any) -> int:
+    """crc32c (Castagnoli) of a buffer."""
+    return int(_crc32c.crc32c(data))
+
+
+def _crc_bytes(data: Any) -> bytes:
+    return crc32c(data).to_bytes(4, "little")
+
+
+def _as_bytes_view(array: np.ndarray) -> memoryview:
+    """Flat uint8 memoryview of a C-contiguous array (works for ml_dtypes too)."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def _slices(region: Region, origin: tuple[int, ...]) -> tuple[Any, ...]:
+    # the trailing Ellipsis keeps 0-d results arrays (views), not numpy scalars
+    return (*(slice(a - o, b - o) for (a, b), o in zip(region, origin, strict=True)), Ellipsis)
+
+
+def _block(
+    source: np.ndarray, origin: tuple[int, ...], region: Region, full_shape: tuple[int, ...]
+) -> np.ndarray:
+    """Data of ``region`` (global coordinates) from ``source`` (placed at ``origin``),
+    padded with zeros to ``full_shape``; C-contiguous, zero-copy when possible."""
+    data = source[_slices(region, origin)]
+    if data.shape == full_shape:
+        return data if data.flags.c_contiguous else np.ascontiguousarray(data)
+    padded = np.zeros(full_shape, dtype=source.dtype)
+    padded[tuple(slice(0, s) for s in data.shape)] = data
+    return padded
+
+
+def encode_chunk(
+    layout: ArrayLayout, index: tuple[int, ...], source: np.ndarray, origin: tuple[int, ...]
+) -> list[Any]:
+    """Buffers whose concatenation is the encoded chunk ``index``.
+
+    ``source`` holds (at least) the chunk's region of the array, its element
+    ``[0, 0, ...]`` being the array element ``origin``.
+    """
+    if layout.inner_shape is None:
+        block = _block(source, origin, layout.chunk_region(index), layout.chunk_shape)
+        view = _as_bytes_view(block)
+        return [view, _crc_bytes(view)]
+    buffers: list[Any] = []
+    inner_indices = list(layout.inner_indices())
+    table = np.empty((len(inner_indices), 2), dtype="<u8")
+    offset = 0
+    for k, inner in enumerate(inner_indices):
+        region = layout.inner_region(index, inner)
+        if any(b <= a for a, b in region):
+            table[k] = (EMPTY, EMPTY)
+            continue
+        view = _as_bytes_view(_block(source, origin, region, layout.inner_shape))
+        buffers += [view, _crc_bytes(view)]
+        table[k] = (offset, len(view) + 4)
+        offset += len(view) + 4
+    index_bytes = table.tobytes()
+    buffers += [index_bytes, _crc_bytes(index_bytes)]
+    return buffers
+
+
+def write_file(path: str, buffers: list[Any], *, fsync: bool = False) -> int:
+    """Write ``buffers`` to a new file at ``path``; return the bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    total = 0
+    try:
+        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        while pending:
+            batch = pending[:_IOV_MAX]
+            written = os.writev(fd, batch)
+            total += written
+            # drop what was fully written, trim a partially written buffer
+            while batch and written >= len(batch[0]):
+                written -= len(batch[0])
+                batch.pop(0)
+                pending.pop(0)
+            if written:
+                pending[0] = pending[0][written:]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return total
+
+
+@dataclass
+class ChunkReader:
+    """Reads regions of one array's chunk files, verifying every checksum.
+
+    Parameters
+    ----------
+    array_dir
+        Directory of the array (holds ``zarr.json`` and ``c/...``).
+    layout
+        The array's layout.
+    what
+        Description used in error messages (key and checkpoint path).
+    """
+
+    array_dir: str
+    layout: ArrayLayout
+    what: str
+    bytes_read: int = 0
+
+    def _chunk_path(self, index: tuple[int, ...]) -> str:
+        return os.path.join(self.array_dir, *self.layout.chunk_key(index).split("/"))
+
+    def _open(self, index: tuple[int, ...]) -> int:
+        path = self._chunk_path(index)
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{self.what}: chunk {self.layout.chunk_key(index)!r} is missing "
+                f"(expected file {path!r})"
+            ) from None
+
+    def _pread_exact(self, fd: int, buffers: list[Any], offset: int, index: tuple[int, ...]) -> None:
+        expected = sum(len(b) for b in buffers)
+        got = 0
+        views = [memoryview(b).cast("B") for b in buffers]
+        while views:
+            batch = views[:_IOV_MAX]
+            n = os.preadv(fd, batch, offset + got)
+            if n == 0:
+                raise CorruptCheckpointError(
+                    f"{self.what}: chunk {self.layout.chunk_key(index)!r} is truncated "
+                    f"(read {got} of {expected} bytes at offset {offset})"
+                )
+            got += n
+            while batch and n >= len(batch[0]):
+                n -= len(batch[0])
+                batch.pop(0)
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        self.bytes_read += expected
+
+    def _check(self, data: Any, stored: bytes, index: tuple[int, ...], part: str) -> None:
+        if crc32c(data).to_bytes(4, "little") != bytes(stored):
+            raise CorruptCheckpointError(
+                f"{self.what}: checksum mismatch in chunk {self.layout.chunk_key(index)!r}"
+                f"{part} (crc32c {bytes(stored).hex()} stored, "
+                f"{crc32c(data).to_bytes(4, 'little').hex()} computed)"
+            )
+
+    def _read_index(self, fd: int, index: tuple[int, ...]) -> np.ndarray:
+        n_inner = int(np.prod(self.layout.inner_grid_shape))
+        size = os.fstat(fd).st_size
+        index_len = n_inner * 16 + 4
+        if size < index_len:
+            raise CorruptCheckpointError(
+                f"{self.what}: chunk {self.layout.chunk_key(index)!r} is truncated "
+                f"({size} bytes, shorter than its {index_len}-byte shard index)"
+            )
+        raw = bytearray(index_len)
+        self._pread_exact(fd, [raw], size - index_len, index)
+        self._check(memoryview(raw)[:-4], raw[-4:], index, " (shard index)")
+        table = np.frombuffer(bytes(raw[:-4]), dtype="<u8").reshape(n_inner, 2)
+        data_end = size - index_len
+        for k, (off, nbytes) in enumerate(table):
+            if off == EMPTY and nbytes == EMPTY:
+                continue
+            if int(off) + int(nbytes) > data_end:
+                raise CorruptCheckpointError(
+                    f"{self.what}: chunk {self.layout.chunk_key(index)!r} is truncated or its "
+                    f"index is damaged (inner chunk {k} ends at {int(off) + int(nbytes)}, "
+                    f"data ends at {data_end})"
+                )
+        return table
+
+    def read_into(self, dest: np.ndarray, dest_origin: tuple[int, ...]) -> None:
+        """Fill ``dest`` (placed at array element ``dest_origin``) from the chunks."""
+        region: Region = tuple(
+            (o, o + s) for o, s in zip(dest_origin, dest.shape, strict=True)
+        )
+        for index in self.layout.chunks_overlapping(region):
+            self._read_chunk_into(index, dest, dest_origin, region)
+
+    def _read_chunk_into(
+        self, index: tuple[int, ...], dest: np.ndarray, dest_origin: tuple[int, ...], need: Region
+    ) -> None:
+        layout = self.layout
+        fd = self._open(index)
+        try:
+            if layout.inner_shape is None:
+                parts = [(index, layout.chunk_region(index), 0, layout.chunk_shape)]
+            else:
+                table = self._read_index(fd, index)
+                parts = []
+                for k, inner in enumerate(layout.inner_indices()):
+                    region = layout.inner_region(index, inner)
+                    if any(b <= a for a, b in _intersect(region, need)):
+                        continue
+                    off, nbytes = (int(x) for x in table[k])
+                    if table[k][0] == EMPTY:
+                        raise CorruptCheckpointError(
+                            f"{self.what}: inner chunk {inner} of chunk "
+                            f"{layout.chunk_key(index)!r} is missing"
+                        )
+                    if nbytes != layout.inner_nbytes + 4:
+                        raise CorruptCheckpointError(
+                            f"{self.what}: inner chunk {inner} of chunk "
+                            f"{layout.chunk_key(index)!r} has {nbytes} bytes, expected "
+                            f"{layout.inner_nbytes + 4}"
+                        )
+                    parts.append((index, region, off, layout.inner_shape))
+            for _, region, offset, full_shape in parts:
+                self._read_part(fd, index, region, offset, full_shape, dest, dest_origin, need)
+        finally:
+            os.close(fd)
+
+    def _read_part(
+        self,
+        fd: int,
+        index: tuple[int, ...],
+        region: Region,
+        offset: int,
+        full_shape: tuple[int, ...],
+        dest: np.ndarray,
+        dest_origin: tuple[int, ...],
+        need: Region,
+    ) -> None:
+        part_shape = tuple(b - a for a, b in region)
+        overlap = _intersect(region, need)
+        crc = bytearray(4)
+        direct = (
+            overlap == region
+            and part_shape == full_shape
+            and dest[_slices(region, dest_origin)].flags.c_contiguous
+        )
+        if direct:
+            target = dest[_slices(region, dest_origin)]
+            view = _as_bytes_view(target)
+            self._pread_exact(fd, [view, crc], offset, index)
+            self._check(view, crc, index, "")
+            return
+        scratch = np.empty(full_shape, dtype=dest.dtype)
+        view = _as_bytes_view(scratch)
+        self._pread_exact(fd, [view, crc], offset, index)
+        self._check(view, crc, index, "")
+        origin = tuple(a for a, _ in region)
+        dest[_slices(overlap, dest_origin)] = scratch[_slices(overlap, origin)]
+
+
+def _intersect(a: Region, b: Region) -> Region:
+    return tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))

@@ -1,0 +1,195 @@
+"""Nested state dict <-> JSON tree + flat ``{fqn: tensor}``.
+
+The tree keeps the exact nesting (dict key types, list vs tuple), the plain
+values (JSON, with nan/inf kept) and, for every tensor, its FQN: the keys on
+its path joined with ``.`` as DCP does. The node forms are documented in
+docs/format.md ("The state-dict tree").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidKeyError, UnsafeCheckpointError
+
+__all__ = ["FlatState", "flatten_state_dict", "is_stateful", "decode_plain", "encode_key"]
+
+JsonNode = dict[str, Any]
+
+
+def is_stateful(obj: Any) -> bool:
+    """DCP's ``Stateful`` protocol: callable ``state_dict`` and ``load_state_dict``."""
+    return (
+        not isinstance(obj, (torch.Tensor, dict, list, tuple))
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+@dataclass
+class FlatState:
+    """Result of flattening a state dict for saving."""
+
+    tree: JsonNode
+    #: fqn -> tensor-like leaf (torch.Tensor, DTensor, ShardedTensor), in tree order
+    tensors: dict[str, Any] = field(default_factory=dict)
+    #: fqn -> object stored with pickle (only with allow_pickle=True)
+    pickled: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_text(text: str, *, what: str, checkpoint: str) -> None:
+    """Refuse strings JSON/UTF-8 cannot hold (lone surrogates) before anything is written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidKeyError(
+            f"{what} (checkpoint {checkpoint!r}) is not valid Unicode ({e.reason} at "
+            f"position {e.start}); it cannot be stored"
+        ) from None
+
+
+def encode_key(key: Any, *, fqn: str, checkpoint: str) -> str | dict[str, int]:
+    """JSON form of a dict key: strings as is, ints tagged."""
+    if isinstance(key, str):
+        _check_text(key, what=f"dict key {key!r} at {fqn or '<root>'!r}", checkpoint=checkpoint)
+        return key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return {"int": key}
+    raise InvalidKeyError(
+        f"dict key {key!r} at {fqn or '<root>'!r} (checkpoint {checkpoint!r}) has type "
+        f"{type(key).__name__}; expected str or int"
+    )
+
+
+def _decode_key(key: Any) -> Any:
+    return key["int"] if isinstance(key, dict) else key
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _is_plain_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _encode_scalar(value: Any) -> JsonNode:
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    return {"value": value}
+
+
+def flatten_state_dict(
+    state_dict: Any,
+    *,
+    allow_pickle: bool,
+    checkpoint: str,
+    is_tensor_leaf: Callable[[Any], bool] = lambda v: isinstance(v, torch.Tensor),
+) -> FlatState:
+    """Walk ``state_dict`` and return its tree, tensors and pickled leaves.
+
+    Raises
+    ------
+    InvalidKeyError
+        Two leaves flatten to the same FQN, or a key type is not str/int.
+    UnsafeCheckpointError
+        A leaf needs pickle and ``allow_pickle`` is False.
+    """
+    flat = FlatState(tree={})
+    seen: set[str] = set()
+
+    def claim(fqn: str) -> None:
+        if fqn in seen:
+            raise InvalidKeyError(
+                f"two entries of the state dict flatten to the same key {fqn!r} "
+                f"(checkpoint {checkpoint!r}); rename one of them"
+            )
+        seen.add(fqn)
+
+    def walk(obj: Any, fqn: str) -> JsonNode:
+        if is_tensor_leaf(obj):
+            claim(fqn)
+            flat.tensors[fqn] = obj
+            return {"tensor": fqn}
+        if isinstance(obj, dict):
+            items = []
+            for key, value in obj.items():
+                items.append(
+                    [encode_key(key, fqn=fqn, checkpoint=checkpoint), walk(value, _join(fqn, key))]
+                )
+            return {"dict": items}
+        if isinstance(obj, (list, tuple)):
+            kind = "tuple" if isinstance(obj, tuple) else "list"
+            if type(obj) in (list, tuple):
+                return {kind: [walk(v, _join(fqn, i)) for i, v in enumerate(obj)]}
+            if not allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"value at {fqn!r} is a {type(obj).__name__} (a {kind} subclass); "
+                    f"checkpoint {checkpoint!r} would need pickle to restore it. Convert it "
+                    "to a plain list/tuple or pass allow_pickle=True"
+                )
+            # a list/tuple subclass (e.g. a namedtuple) is pickled whole to keep its type
+            claim(fqn)
+            flat.pickled[fqn] = obj
+            return {"pickle": fqn}
+        if is_stateful(obj):
+            return {"stateful": walk(obj.state_dict(), fqn)}
+        if _is_plain_scalar(obj) and type(obj) in (bool, int, float, str, type(None)):
+            if isinstance(obj, str):
+                _check_text(obj, what=f"string value at key {fqn!r}", checkpoint=checkpoint)
+            claim(fqn)
+            return _encode_scalar(obj)
+        if not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"value at key {fqn!r} has type {type(obj).__module__}.{type(obj).__qualname__}, "
+                f"which checkpoint {checkpoint!r} can only store with pickle. Store tensors, "
+                "JSON values (int, float, str, bool, None, lists, dicts) or objects with "
+                "state_dict()/load_state_dict(); or pass allow_pickle=True"
+            )
+        claim(fqn)
+        flat.pickled[fqn] = obj
+        return {"pickle": fqn}
+
+    flat.tree = walk(state_dict, "")
+    return flat
+
+
+def decode_plain(node: JsonNode, resolve: Callable[[str, str], Any]) -> Any:
+    """Rebuild the Python value of a tree node.
+
+    ``resolve(kind, fqn)`` returns the value of a ``tensor`` or ``pickle`` node.
+    """
+    if "value" in node:
+        return node["value"]
+    if "float" in node:
+        return float(node["float"])
+    if "dict" in node:
+        return {_decode_key(k): decode_plain(v, resolve) for k, v in node["dict"]}
+    if "list" in node:
+        return [decode_plain(v, resolve) for v in node["list"]]
+    if "tuple" in node:
+        return tuple(decode_plain(v, resolve) for v in node["tuple"])
+    if "stateful" in node:
+        return decode_plain(node["stateful"], resolve)
+    if "tensor" in node:
+        return resolve("tensor", node["tensor"])
+    if "pickle" in node:
+        return resolve("pickle", node["pickle"])
+    raise ValueError(f"unknown tree node {sorted(node)}")
+
+
+def child_nodes(node: JsonNode) -> dict[Any, JsonNode] | None:
+    """Children of a container node keyed as in Python (None for leaves)."""
+    if "stateful" in node:
+        return child_nodes(node["stateful"])
+    if "dict" in node:
+        return {_decode_key(k): v for k, v in node["dict"]}
+    for kind in ("list", "tuple"):
+        if kind in node:
+            return dict(enumerate(node[kind]))
+    return None

@@ -1,0 +1,154 @@
+"""Open a committed checkpoint directory and read its arrays (local filesystem)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._chunkio import ChunkReader
+from ._dtypes import numpy_as_tensor
+from ._metadata import ArrayEntry, check_array_document, parse_entry
+from ._storage import FORMAT_NAME, read_committed_root
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = ["CheckpointFiles", "ReadRequest"]
+
+
+@dataclass
+class ReadRequest:
+    """Fill ``dest`` (numpy view, placed at array element ``origin``) from array ``entry``."""
+
+    entry: ArrayEntry
+    dest: np.ndarray
+    origin: tuple[int, ...]
+
+
+class CheckpointFiles:
+    """A committed checkpoint on disk: manifest plus verified array reads.
+
+    Parameters
+    ----------
+    path
+        Checkpoint directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.root = read_committed_root(self.path)
+        self.manifest: dict[str, Any] = self.root["attributes"][FORMAT_NAME]
+        try:
+            self.tree: dict[str, Any] = self.manifest["tree"]
+            self.arrays: dict[str, ArrayEntry] = {
+                fqn: parse_entry(fqn, raw, checkpoint=self.path)
+                for fqn, raw in self.manifest["arrays"].items()
+            }
+            self.pickled: dict[str, ArrayEntry] = {
+                fqn: parse_entry(fqn, raw, checkpoint=self.path)
+                for fqn, raw in self.manifest.get("pickled", {}).items()
+            }
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.path!r}: manifest is malformed ({e!r})"
+            ) from None
+        self.bytes_read = 0
+        self._checked: set[str] = set()
+
+    def what(self, entry: ArrayEntry) -> str:
+        return f"checkpoint {self.path!r}, key {entry.fqn!r}"
+
+    def check_metadata(self, entry: ArrayEntry) -> None:
+        """Verify that the array's own zarr.json exists and matches the manifest."""
+        if entry.fqn in self._checked:
+            return
+        doc_path = os.path.join(self.path, entry.path, "zarr.json")
+        try:
+            with open(doc_path, "rb") as f:
+                document = json.loads(f.read())
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{self.what(entry)}: array metadata {doc_path!r} is missing"
+            ) from None
+        except ValueError as e:
+            raise CorruptCheckpointError(
+                f"{self.what(entry)}: array metadata {doc_path!r} is not valid JSON ({e})"
+            ) from None
+        check_array_document(entry, document, checkpoint=self.path)
+        self._checked.add(entry.fqn)
+
+    def read_into(self, request: ReadRequest) -> int:
+        """Fill one request; return the bytes read from disk."""
+        self.check_metadata(request.entry)
+        reader = ChunkReader(
+            os.path.join(self.path, request.entry.path),
+            request.entry.layout,
+            self.what(request.entry),
+        )
+        reader.read_into(request.dest, request.origin)
+        return reader.bytes_read
+
+    def read_many(self, requests: Iterable[ReadRequest], *, threads: int) -> int:
+        """Fill every request with a thread pool; return the bytes read."""
+        requests = list(requests)
+        if threads <= 1 or len(requests) <= 1:
+            total = sum(self.read_into(r) for r in requests)
+        else:
+            # big requests are split by chunk so one large tensor is read in parallel
+            parts: list[ReadRequest] = []
+            for r in requests:
+                parts.extend(_split_by_chunk(r))
+            parts.sort(key=lambda r: -r.dest.nbytes)
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zarrckpt") as pool:
+                total = sum(pool.map(self.read_into, parts))
+        self.bytes_read += total
+        return total
+
+    def read_tensor(self, fqn: str, *, threads: int = 1) -> torch.Tensor:
+        """Read a whole stored tensor into a new CPU tensor."""
+        entry = self.arrays[fqn]
+        dest = np.empty(entry.shape, dtype=entry.dtype.numpy_dtype)
+        self.read_many([ReadRequest(entry, dest, (0,) * len(entry.shape))], threads=threads)
+        return numpy_as_tensor(dest, entry.dtype.torch_dtype)
+
+    def read_pickled(self, fqn: str, *, allow_pickle: bool) -> Any:
+        """Unpickle a stored object (only with ``allow_pickle=True``)."""
+        if not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"checkpoint {self.path!r}: key {fqn!r} holds a pickled Python object; "
+                "loading it would run arbitrary code. Pass allow_pickle=True only for "
+                "checkpoints you trust"
+            )
+        entry = self.pickled[fqn]
+        dest = np.empty(entry.shape, dtype=np.uint8)
+        self.read_many([ReadRequest(entry, dest, (0,))], threads=1)
+        return pickle.loads(dest.tobytes())
+
+
+def _split_by_chunk(request: ReadRequest) -> list[ReadRequest]:
+    """Cut a request into one request per overlapped chunk (along dim 0 only)."""
+    layout = request.entry.layout
+    if request.dest.ndim == 0 or request.dest.nbytes <= layout.chunk_nbytes:
+        return [request]
+    rows = layout.chunk_shape[0]
+    start = request.origin[0]
+    stop = start + request.dest.shape[0]
+    out = []
+    cut = start
+    while cut < stop:
+        nxt = min(stop, (cut // rows + 1) * rows)
+        out.append(
+            ReadRequest(
+                request.entry,
+                request.dest[cut - start : nxt - start],
+                (cut, *request.origin[1:]),
+            )
+        )
+        cut = nxt
+    return out

@@ -1,0 +1,290 @@
+"""Collective save: describe local pieces, agree on a plan, write, commit.
+
+Phases (each ends with an agreement, so a failure anywhere is raised on every
+rank and nothing is committed):
+
+1. every rank flattens its state dict and describes the pieces it holds;
+   the descriptions are all-gathered and every rank computes the same plan;
+2. rank 0 checks the destination and creates the staging directory;
+3. every rank writes its share of array metadata and the chunks assigned to
+   it, and makes them durable;
+4. rank 0 writes the root metadata and the commit marker and publishes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._collective import Comm
+from ._dtypes import info_for_torch, tensor_as_numpy
+from ._flatten import flatten_state_dict
+from ._layout import choose_layout
+from ._metadata import ArrayEntry, array_path, root_document
+from ._planning import ArrayPieces, plan_arrays
+from ._sharding import LocalView, describe_leaf, is_tensor_leaf
+from ._storage import (
+    ROOT_METADATA,
+    check_writable,
+    new_staging_dir,
+    publish,
+    remove_tree,
+    sync_tree,
+    write_commit_marker,
+    write_json,
+)
+from ._writer import ChunkWrite, write_arrays
+from .errors import DistributedSaveError, InvalidKeyError, UnsupportedValueError
+
+__all__ = ["SaveOptions", "LocalState", "prepare_local", "save_collective"]
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    overwrite: bool = False
+    allow_pickle: bool = False
+    fsync: bool = True
+    chunk_bytes: int = 64 << 20
+    inner_chunk_bytes: int = 1 << 20
+    threads: int = 2
+
+
+def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """CPU tensor with plain (non-conjugated, non-negated) bits and the same values."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t
+
+
+@dataclass
+class LocalState:
+    """Everything one rank contributes to a save, already on the host."""
+
+    tree: dict[str, Any]
+    views: dict[str, LocalView]
+    #: fqn -> list of host numpy arrays, one per block of views[fqn]
+    sources: dict[str, list[np.ndarray]]
+    pickled: dict[str, bytes] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What the other ranks need to know (small, no tensor data)."""
+        return {
+            fqn: (
+                view.global_shape,
+                str(view.dtype),
+                [b.region for b in view.blocks],
+                view.replicated,
+            )
+            for fqn, view in self.views.items()
+        }
+
+
+def prepare_local(
+    state_dict: Any,
+    path: str,
+    options: SaveOptions,
+    *,
+    stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> LocalState:
+    """Flatten, validate and stage this rank's state on the host.
+
+    With ``stage`` every tensor piece is copied by it (into a host buffer), so
+    the caller may modify its tensors as soon as this returns (``async_save``);
+    without it CPU tensors are used in place.
+    """
+    flat = flatten_state_dict(
+        state_dict, allow_pickle=options.allow_pickle, checkpoint=path, is_tensor_leaf=is_tensor_leaf
+    )
+    views: dict[str, LocalView] = {}
+    sources: dict[str, list[np.ndarray]] = {}
+    for fqn, leaf in flat.tensors.items():
+        view = describe_leaf(leaf, key=fqn, path=path)
+        info_for_torch(view.dtype, key=fqn, path=path)
+        data = []
+        for block in view.blocks:
+            t = block.data()
+            if t.layout != torch.strided:
+                raise UnsupportedValueError(
+                    f"tensor {fqn!r} for checkpoint {path!r} has layout {t.layout}; "
+                    "only dense (strided) tensors are stored"
+                )
+            if t.device.type == "meta":
+                raise UnsupportedValueError(
+                    f"tensor {fqn!r} for checkpoint {path!r} is on the meta device and has no data"
+                )
+            host = stage(t) if stage is not None else host_tensor(t)
+            data.append(tensor_as_numpy(host))
+        views[fqn] = view
+        sources[fqn] = data
+    pickled = {}
+    for fqn, obj in flat.pickled.items():
+        try:
+            pickled[fqn] = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            raise UnsupportedValueError(
+                f"value at key {fqn!r} for checkpoint {path!r} cannot be pickled: {e}"
+            ) from e
+    return LocalState(flat.tree, views, sources, pickled)
+
+
+def _check_same_keys(summaries: list[dict[str, Any]], path: str) -> None:
+    keys0 = set(summaries[0])
+    for rank, summary in enumerate(summaries[1:], start=1):
+        if set(summary) != keys0:
+            only0 = sorted(keys0 - set(summary))[:5]
+            only_r = sorted(set(summary) - keys0)[:5]
+            raise InvalidKeyError(
+                f"ranks disagree on the tensors to save in {path!r}: rank 0 only has "
+                f"{only0}, rank {rank} only has {only_r}"
+            )
+        for fqn, (shape, dtype, _, _) in summary.items():
+            shape0, dtype0, _, _ = summaries[0][fqn]
+            if tuple(shape) != tuple(shape0) or dtype != dtype0:
+                raise InvalidKeyError(
+                    f"ranks disagree on tensor {fqn!r} in {path!r}: rank 0 has global shape "
+                    f"{list(shape0)} {dtype0}, rank {rank} has {list(shape)} {dtype}"
+                )
+
+
+def _build_plan(
+    summaries: list[dict[str, Any]], pickled: dict[str, int], path: str, options: SaveOptions
+) -> tuple[list[ArrayEntry], dict[str, Any]]:
+    """Entries (same on every rank) and the writer map of every array."""
+    _check_same_keys(summaries, path)
+    world = len(summaries)
+    arrays = []
+    for fqn, (shape, dtype_name, _, replicated) in summaries[0].items():
+        info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")), key=fqn, path=path)
+        arrays.append(
+            ArrayPieces(
+                fqn,
+                tuple(shape),
+                info.numpy_dtype.itemsize,
+                tuple(tuple(tuple(map(tuple, r)) for r in s[fqn][2]) for s in summaries),
+                replicated=all(s[fqn][3] for s in summaries),
+            )
+        )
+    plans = plan_arrays(
+        arrays, world, chunk_bytes=options.chunk_bytes, inner_bytes=options.inner_chunk_bytes
+    )
+    entries: list[ArrayEntry] = []
+    writers: dict[str, Any] = {}
+    for arr, plan in zip(arrays, plans, strict=True):
+        dtype_name = summaries[0][arr.fqn][1]
+        info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")))
+        entries.append(ArrayEntry(arr.fqn, array_path(arr.fqn, checkpoint=path), info, plan.layout))
+        writers[arr.fqn] = plan.writers
+    uint8 = info_for_torch(torch.uint8)
+    for fqn, size in pickled.items():
+        layout = choose_layout(
+            (size,), 1, chunk_bytes=options.chunk_bytes, inner_bytes=options.inner_chunk_bytes
+        )
+        entries.append(
+            ArrayEntry(fqn, array_path(fqn, "pickle", checkpoint=path), uint8, layout, "pickle")
+        )
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e.path in seen:
+            raise InvalidKeyError(
+                f"keys {seen[e.path]!r} and {e.fqn!r} map to the same array path {e.path!r} "
+                f"in checkpoint {path!r}"
+            )
+        seen[e.path] = e.fqn
+    return entries, writers
+
+
+def save_collective(
+    local: LocalState, path: str, options: SaveOptions, comm: Comm, *, extra: dict[str, Any]
+) -> None:
+    """Phases 1-4 of a save, given this rank's staged state."""
+    summaries = comm.all_gather(local.summary())
+    pickled_sizes = {fqn: len(data) for fqn, data in local.pickled.items()}
+    pickled_sizes = comm.broadcast(pickled_sizes)
+    entries, writers = comm.agree(
+        lambda: _build_plan(summaries, pickled_sizes, path, options), "planning the save"
+    )
+    tree = comm.broadcast(local.tree)
+
+    def create_staging() -> str | None:
+        if not comm.is_coordinator:
+            return None
+        check_writable(path, overwrite=options.overwrite)
+        return new_staging_dir(path)
+
+    staging = comm.broadcast(comm.agree(create_staging, "preparing the checkpoint directory"))
+    assert isinstance(staging, str)
+    try:
+        comm.agree(
+            lambda: _write_share(staging, entries, writers, local, comm, options),
+            "writing the checkpoint",
+        )
+
+        def commit() -> None:
+            if not comm.is_coordinator:
+                return
+            checkpoint_id = uuid.uuid4().hex
+            root = root_document(
+                tree=tree,
+                entries=entries,
+                checkpoint_id=checkpoint_id,
+                world_size=comm.world_size,
+                extra=extra,
+            )
+            root_bytes = write_json(
+                os.path.join(staging, ROOT_METADATA), root, fsync=options.fsync
+            )
+            write_commit_marker(staging, root_bytes, checkpoint_id, fsync=options.fsync)
+            publish(staging, path, overwrite=options.overwrite, fsync=options.fsync)
+
+        comm.agree(commit, "committing the checkpoint")
+    except BaseException:
+        if comm.is_coordinator:
+            remove_tree(staging)
+        raise
+
+
+def _write_share(
+    staging: str,
+    entries: list[ArrayEntry],
+    writers: dict[str, Any],
+    local: LocalState,
+    comm: Comm,
+    options: SaveOptions,
+) -> None:
+    """Write this rank's metadata files and chunks, then make them durable."""
+    mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
+    chunks: list[ChunkWrite] = []
+    for entry in entries:
+        if entry.kind == "pickle":
+            if comm.is_coordinator:
+                data = np.frombuffer(local.pickled[entry.fqn], np.uint8)
+                chunks.extend(
+                    ChunkWrite(entry, idx, data, (0,)) for idx in entry.layout.chunk_indices()
+                )
+            continue
+        view = local.views[entry.fqn]
+        for index, (rank, k) in writers[entry.fqn].items():
+            if rank != comm.rank:
+                continue
+            if k >= len(view.blocks):
+                raise DistributedSaveError(
+                    f"internal error: rank {comm.rank} was asked to write piece {k} of "
+                    f"{entry.fqn!r} but holds {len(view.blocks)}"
+                )
+            origin = tuple(a for a, _ in view.blocks[k].region)
+            chunks.append(ChunkWrite(entry, index, local.sources[entry.fqn][k], origin))
+    write_arrays(staging, mine, chunks, threads=options.threads)
+    if options.fsync:
+        sync_tree(staging)

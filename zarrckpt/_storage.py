@@ -1,0 +1,270 @@
+"""Checkpoint directories on a local filesystem: staging, durability, commit.
+
+A save writes everything into a hidden sibling staging directory
+(``.<name>.zarrckpt-tmp-<id>``), makes the data durable, writes the commit
+marker ``zarrckpt.commit`` last, and then publishes the directory at its path
+with one atomic rename (``renameat2(RENAME_EXCHANGE)`` when replacing an
+existing checkpoint, so the path always holds the old or the new one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+from ._chunkio import crc32c
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
+
+__all__ = [
+    "COMMIT_MARKER",
+    "ROOT_METADATA",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "check_writable",
+    "new_staging_dir",
+    "sync_tree",
+    "write_json",
+    "write_commit_marker",
+    "publish",
+    "remove_tree",
+    "read_committed_root",
+]
+
+COMMIT_MARKER = "zarrckpt.commit"
+ROOT_METADATA = "zarr.json"
+FORMAT_NAME = "zarrckpt"
+FORMAT_VERSION = 1
+_STAGING_INFIX = ".zarrckpt-tmp-"
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name, use_errno=True) if name else None
+
+
+_LIBC = _libc()
+
+
+def _renameat2(src: str, dst: str, flags: int) -> bool:
+    """Call renameat2; return False when the system does not support it."""
+    func = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    if func is None:
+        return False
+    result = func(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    """True when ``path`` looks like a zarrckpt checkpoint (committed or not)."""
+    if os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+        return True
+    try:
+        with open(os.path.join(path, ROOT_METADATA), "rb") as f:
+            root = json.loads(f.read())
+        return FORMAT_NAME in root.get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_writable(path: str, *, overwrite: bool) -> None:
+    """Refuse to save over an existing path unless allowed and safe.
+
+    With ``overwrite=True`` only a zarrckpt checkpoint, an empty directory or a
+    regular file is replaced; any other directory is refused so that a typo
+    cannot delete unrelated data.
+    """
+    if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise CheckpointNotFoundError(
+                f"cannot save checkpoint {path!r}: parent directory {parent!r} does not exist"
+            )
+        return
+    if not overwrite:
+        raise CheckpointExistsError(
+            f"checkpoint path {path!r} already exists; pass overwrite=True to replace it "
+            "(the old checkpoint stays intact until the new one is committed)"
+        )
+    if os.path.isdir(path) and not os.path.islink(path):
+        if os.listdir(path) and not is_checkpoint_dir(path):
+            raise CheckpointExistsError(
+                f"refusing to overwrite {path!r}: it is a non-empty directory that is not "
+                "a zarrckpt checkpoint"
+            )
+
+
+def new_staging_dir(path: str) -> str:
+    """Create and return a fresh staging directory beside ``path``."""
+    parent, name = os.path.split(os.path.abspath(path))
+    staging = os.path.join(parent, f".{name}{_STAGING_INFIX}{uuid.uuid4().hex[:12]}")
+    os.mkdir(staging)
+    return staging
+
+
+def write_json(path: str, document: Any, *, fsync: bool = False) -> bytes:
+    """Write ``document`` as UTF-8 JSON (durably if ``fsync``); return the bytes written."""
+    data = json.dumps(document, allow_nan=False, ensure_ascii=False, indent=1).encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return data
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: str) -> None:
+    """Make every file and directory below ``root`` durable.
+
+    Uses one ``syncfs`` for the whole filesystem where available (one sync
+    instead of thousands of ``fsync`` calls), else fsyncs each entry.
+    """
+    syncfs = getattr(_LIBC, "syncfs", None) if _LIBC is not None else None
+    if syncfs is not None:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def write_commit_marker(staging: str, root_bytes: bytes, checkpoint_id: str, *, fsync: bool) -> None:
+    """Write the commit marker (last file of a checkpoint)."""
+    marker = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "checkpoint_id": checkpoint_id,
+        "root_metadata_crc32c": crc32c(root_bytes),
+    }
+    marker_path = os.path.join(staging, COMMIT_MARKER)
+    write_json(marker_path, marker)
+    if fsync:
+        _fsync_path(marker_path)
+        _fsync_path(staging)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a file or directory tree, ignoring one that is already gone."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def publish(staging: str, path: str, *, overwrite: bool, fsync: bool) -> None:
+    """Atomically move the committed ``staging`` directory to ``path``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(path):
+        if not overwrite:  # appeared while we were writing
+            raise CheckpointExistsError(f"checkpoint path {path!r} already exists")
+        if _renameat2(staging, path, _RENAME_EXCHANGE):
+            remove_tree(staging)  # now holds the previous checkpoint
+        else:  # no atomic exchange here: short window where path is absent
+            trash = staging + ".old"
+            os.rename(path, trash)
+            os.rename(staging, path)
+            remove_tree(trash)
+    elif not _renameat2(staging, path, _RENAME_NOREPLACE):
+        os.rename(staging, path)
+    if fsync:
+        _fsync_path(parent)
+
+
+def read_committed_root(path: str) -> dict[str, Any]:
+    """Return the root ``zarr.json`` of a committed checkpoint, after checking the marker.
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        Nothing at ``path``.
+    IncompleteCheckpointError
+        No commit marker (the save never finished) or a marker of another format.
+    CorruptCheckpointError
+        The root metadata is unreadable or does not match the marker's checksum.
+    """
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"no checkpoint at {path!r}")
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(
+            f"{path!r} is a file, not a zarrckpt checkpoint directory "
+            "(use zarrckpt.convert for torch.save or safetensors files)"
+        )
+    marker_path = os.path.join(path, COMMIT_MARKER)
+    try:
+        with open(marker_path, "rb") as f:
+            marker = json.loads(f.read())
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(
+            f"checkpoint {path!r} is incomplete: its commit marker {COMMIT_MARKER!r} is "
+            "missing (the save that wrote it did not finish)"
+        ) from None
+    except ValueError as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r}: commit marker {COMMIT_MARKER!r} is not valid JSON ({e})"
+        ) from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        raise IncompleteCheckpointError(
+            f"checkpoint {path!r}: {COMMIT_MARKER!r} is not a zarrckpt commit marker"
+        )
+    version = marker.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r} has format version {version!r}; this zarrckpt reads "
+            f"versions up to {FORMAT_VERSION}: upgrade zarrckpt"
+        )
+    root_path = os.path.join(path, ROOT_METADATA)
+    try:
+        with open(root_path, "rb") as f:
+            root_bytes = f.read()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r}: root metadata {ROOT_METADATA!r} is missing"
+        ) from None
+    if crc32c(root_bytes) != marker.get("root_metadata_crc32c"):
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r}: root metadata {ROOT_METADATA!r} does not match the "
+            "checksum recorded in the commit marker (damaged or modified after commit)"
+        )
+    try:
+        root = json.loads(root_bytes)
+        root["attributes"][FORMAT_NAME]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r}: root metadata {ROOT_METADATA!r} is not a zarrckpt "
+            f"group document ({e!r})"
+        ) from None
+    return dict(root)

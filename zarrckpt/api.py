@@ -1,0 +1,295 @@
+"""Public entry points: ``save``, ``load`` and ``async_save``."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ._collective import Comm
+from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
+from ._load import LoadPlan
+from ._reader import CheckpointFiles
+from ._save import SaveOptions, prepare_local, save_collective
+from ._staging import HostStager
+from ._writer import default_threads
+from .errors import MissingKeysError, ShapeMismatchError, UnsafeCheckpointError
+
+__all__ = ["save", "load", "async_save"]
+
+PathLike = str | os.PathLike[str]
+
+
+def _options(
+    overwrite: bool,
+    allow_pickle: bool,
+    fsync: bool,
+    chunk_bytes: int,
+    inner_chunk_bytes: int,
+    threads: int | None,
+) -> SaveOptions:
+    return SaveOptions(
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        fsync=fsync,
+        chunk_bytes=chunk_bytes,
+        inner_chunk_bytes=inner_chunk_bytes,
+        threads=threads or default_threads(),
+    )
+
+
+def save(
+    state_dict: Any,
+    path: PathLike,
+    *,
+    process_group: Any = None,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    fsync: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
+    threads: int | None = None,
+) -> None:
+    """Save a state dict as a zarrckpt checkpoint (collective when distributed).
+
+    Every global tensor becomes one zarr array. With torch.distributed
+    initialized, every rank of ``process_group`` must call ``save`` with its
+    own state dict; each rank writes the chunks of the pieces it holds, no
+    tensor data is gathered, and rank 0 commits once all ranks succeeded.
+
+    Parameters
+    ----------
+    state_dict
+        Nested dicts / lists / tuples whose leaves are tensors (``torch.Tensor``,
+        ``DTensor``, FSDP1 ``ShardedTensor``), JSON values (int, float, str,
+        bool, None) or objects with ``state_dict()`` / ``load_state_dict()``.
+    path
+        Checkpoint directory to create (on a filesystem all ranks share).
+    process_group
+        Group of the ranks taking part; default: the default group when
+        torch.distributed is initialized, else this process alone.
+    overwrite
+        Replace an existing checkpoint at ``path``. The replacement is atomic:
+        the path holds the old checkpoint until the new one is committed.
+    storage_options
+        Options for remote stores (unused for local paths).
+    allow_pickle
+        Store leaves that are neither tensors nor JSON values with pickle.
+        Without it such leaves raise :class:`~zarrckpt.errors.UnsafeCheckpointError`.
+    fsync
+        Make the data durable before the commit marker is written.
+    chunk_bytes, inner_chunk_bytes
+        Size targets of chunk files (for unsharded tensors) and of the inner
+        chunks of large chunks.
+    threads
+        Size of each rank's I/O thread pool (default: up to 8, at least 2).
+
+    Raises
+    ------
+    zarrckpt.errors.CheckpointExistsError
+        ``path`` exists and ``overwrite`` is False; nothing is written.
+    zarrckpt.errors.UnsafeCheckpointError
+        A leaf would need pickle and ``allow_pickle`` is False.
+    zarrckpt.errors.InvalidKeyError
+        A key is empty, not a str/int, or two keys flatten to the same FQN.
+    zarrckpt.errors.UnsupportedValueError
+        A tensor has an unsupported dtype, layout or placement.
+    zarrckpt.errors.DistributedSaveError
+        Another rank failed; nothing was committed.
+    """
+    del storage_options
+    path = os.fspath(path)
+    options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
+    comm = Comm.from_group(process_group)
+    local = comm.agree(
+        lambda: prepare_local(state_dict, path, options), "preparing the save"
+    )
+    save_collective(local, path, options, comm, extra={})
+
+
+# --------------------------------------------------------------------------- async
+
+_ASYNC_LOCK = threading.Lock()
+_ASYNC_EXECUTOR: ThreadPoolExecutor | None = None
+_ASYNC_GROUPS: dict[tuple[int, ...], Any] = {}
+_STAGER = HostStager()
+
+
+def _async_executor() -> ThreadPoolExecutor:
+    global _ASYNC_EXECUTOR
+    with _ASYNC_LOCK:
+        if _ASYNC_EXECUTOR is None:
+            # one worker: async saves of a process run in call order, the same on every rank
+            _ASYNC_EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="zarrckpt-async")
+        return _ASYNC_EXECUTOR
+
+
+def _background_comm(comm: Comm) -> Comm:
+    """A gloo group of the same ranks, used only by background saves so their
+    collectives never interleave with the training's."""
+    if not comm.distributed:
+        return comm
+    import torch.distributed as dist
+
+    ranks = tuple(dist.get_process_group_ranks(comm.group))
+    if ranks not in _ASYNC_GROUPS:
+        _ASYNC_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo")
+    group = _ASYNC_GROUPS[ranks]
+    return Comm(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def async_save(
+    state_dict: Any,
+    path: PathLike,
+    *,
+    process_group: Any = None,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    fsync: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
+    threads: int | None = None,
+) -> Future[None]:
+    """Save in the background; return once the state is copied to host memory.
+
+    The caller may modify its tensors as soon as this returns: the checkpoint
+    holds the values at call time. Host staging buffers are reused across calls
+    (pinned when the tensors live on an accelerator). Async saves of a process
+    run one at a time in call order; a save to a path therefore never overlaps
+    another save to the same path. Collective when distributed (every rank
+    calls it); the background part uses its own gloo group.
+
+    Parameters
+    ----------
+    state_dict, path, process_group, overwrite, storage_options, allow_pickle,
+    fsync, chunk_bytes, inner_chunk_bytes, threads
+        As for :func:`save`.
+
+    Returns
+    -------
+    concurrent.futures.Future
+        Resolves to None when the checkpoint is committed; ``result()``
+        raises the save's error otherwise.
+    """
+    del storage_options
+    path = os.fspath(path)
+    options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
+    comm = Comm.from_group(process_group)
+    background = _background_comm(comm)
+    lease = comm.agree(
+        lambda: _STAGER.stage(lambda copy: prepare_local(state_dict, path, options, stage=copy)),
+        "staging the async save",
+    )
+
+    def run() -> None:
+        try:
+            save_collective(lease.state, path, options, background, extra={})
+        finally:
+            lease.release()
+
+    return _async_executor().submit(run)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load(
+    state_dict: Any,
+    path: PathLike,
+    *,
+    process_group: Any = None,
+    strict: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+    stats: dict[str, int] | None = None,
+) -> Any:
+    """Load a checkpoint into ``state_dict`` in place (collective when distributed).
+
+    Tensors of ``state_dict`` are filled in place, the same objects afterwards
+    (DTensor and ShardedTensor local shards included; dtypes are cast as by
+    :meth:`torch.Tensor.copy_`). Each rank reads only the chunks, and within
+    large chunks only the inner chunks, that intersect the pieces it holds, so
+    any mesh or world size can load a checkpoint written by any other.
+    Meta-device targets are replaced by loaded tensors (DTensors keep their
+    mesh and placements); plain values are replaced by the stored ones;
+    objects with ``load_state_dict`` receive their state.
+
+    Parameters
+    ----------
+    state_dict
+        The target: its keys choose what is loaded. Stored keys it lacks are ignored.
+    path
+        Checkpoint directory.
+    process_group
+        Group of the ranks taking part (default: the default group if initialized).
+    strict
+        Raise :class:`~zarrckpt.errors.MissingKeysError` when a key of
+        ``state_dict`` is not in the checkpoint; with ``strict=False`` such
+        keys keep their values.
+    storage_options
+        Options for remote stores (unused for local paths).
+    allow_pickle
+        Allow loading a checkpoint that holds pickled objects (never for
+        checkpoints from untrusted sources).
+    threads
+        Size of the I/O thread pool.
+    stats
+        If given, filled with ``bytes_read`` (from storage, by this rank) and
+        ``bytes_needed`` (bytes of the pieces this rank loads).
+
+    Returns
+    -------
+    The same ``state_dict`` object.
+
+    Raises
+    ------
+    zarrckpt.errors.CheckpointNotFoundError, IncompleteCheckpointError, CorruptCheckpointError
+        The path holds no committed, intact checkpoint.
+    zarrckpt.errors.MissingKeysError, ShapeMismatchError
+        The target does not match; nothing has been modified.
+    zarrckpt.errors.UnsafeCheckpointError
+        The checkpoint holds pickled objects and ``allow_pickle`` is False.
+    """
+    del storage_options
+    path = os.fspath(path)
+    comm = Comm.from_group(process_group)
+
+    def plan() -> tuple[CheckpointFiles, LoadPlan, Any]:
+        files = CheckpointFiles(path)
+        if files.pickled and not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path!r} holds pickled Python objects (keys "
+                f"{sorted(files.pickled)[:5]}); loading them could run arbitrary code. "
+                "Pass allow_pickle=True only for checkpoints you trust"
+            )
+        load_plan = LoadPlan(files, allow_pickle=allow_pickle)
+        result = load_plan.walk(state_dict, files.tree, "")
+        if load_plan.mismatched:
+            raise ShapeMismatchError(
+                f"checkpoint {path!r} does not match the target state dict: "
+                + "; ".join(load_plan.mismatched)
+            )
+        if load_plan.missing and strict:
+            missing = load_plan.missing
+            raise MissingKeysError(
+                f"checkpoint {path!r} lacks {len(missing)} key(s) of the target state dict: "
+                f"{missing[:20]}{' ...' if len(missing) > 20 else ''} "
+                "(pass strict=False to skip them)",
+                missing,
+            )
+        return files, load_plan, result
+
+    files, load_plan, result = comm.agree(plan, "planning the load")
+    comm.agree(
+        lambda: files.read_many(load_plan.requests, threads=threads or default_threads()),
+        "reading the checkpoint",
+    )
+    load_plan.apply()
+    if stats is not None:
+        stats["bytes_read"] = files.bytes_read
+        stats["bytes_needed"] = load_plan.bytes_needed
+    return result

@@ -1,0 +1,94 @@
+"""Exceptions raised by zarrckpt.
+
+Every exception derives from :class:`ZarrCkptError` and, where one fits, from
+the built-in exception it refines, so ``except FileNotFoundError`` or
+``except KeyError`` keep working for callers that do not know zarrckpt.
+Messages name the key (FQN), the checkpoint path and what was expected.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ZarrCkptError",
+    "CheckpointNotFoundError",
+    "CheckpointExistsError",
+    "IncompleteCheckpointError",
+    "CorruptCheckpointError",
+    "StateDictMismatchError",
+    "MissingKeysError",
+    "ShapeMismatchError",
+    "UnsafeCheckpointError",
+    "InvalidKeyError",
+    "UnsupportedValueError",
+    "DistributedSaveError",
+]
+
+
+class ZarrCkptError(Exception):
+    """Base class of every error raised by zarrckpt."""
+
+
+class CheckpointNotFoundError(ZarrCkptError, FileNotFoundError):
+    """No checkpoint (committed or not) exists at the given path."""
+
+
+class CheckpointExistsError(ZarrCkptError, FileExistsError):
+    """A checkpoint already exists at the path and ``overwrite=False``."""
+
+
+class IncompleteCheckpointError(ZarrCkptError, FileNotFoundError):
+    """The path holds a checkpoint whose commit marker is missing or does not match.
+
+    Such a checkpoint was never committed (its save died or is still running)
+    and is never loaded.
+    """
+
+
+class CorruptCheckpointError(ZarrCkptError, ValueError):
+    """Stored bytes are damaged: checksum mismatch, missing or truncated chunk,
+    unreadable metadata."""
+
+
+class StateDictMismatchError(ZarrCkptError, ValueError):
+    """The target state dict does not match the checkpoint."""
+
+
+class MissingKeysError(StateDictMismatchError, KeyError):
+    """Keys of the target state dict are absent from the checkpoint.
+
+    Attributes
+    ----------
+    missing : list of str
+        The missing fully qualified names.
+    """
+
+    def __init__(self, message: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return str(self.args[0])
+
+
+class ShapeMismatchError(StateDictMismatchError):
+    """A target tensor's shape differs from the stored global shape."""
+
+
+class UnsafeCheckpointError(ZarrCkptError, ValueError):
+    """Pickle would be needed (to save an object, or to load one) and
+    ``allow_pickle`` is not set."""
+
+
+class InvalidKeyError(ZarrCkptError, ValueError):
+    """A state-dict key cannot be stored (empty, duplicate after flattening, ...)."""
+
+
+class UnsupportedValueError(ZarrCkptError, TypeError):
+    """A state-dict leaf has a type or dtype zarrckpt cannot store."""
+
+
+class DistributedSaveError(ZarrCkptError, RuntimeError):
+    """A collective save or load failed on at least one rank.
+
+    Every rank raises it, so no rank hangs waiting for the others.
+    """
