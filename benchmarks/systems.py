@@ -48,6 +48,8 @@ class System:
     reads_from: str | None = None
     #: one line for the report: what exactly is measured
     note: str = ""
+    #: modules imported before measuring (imports never land in a timing)
+    modules: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -125,6 +127,7 @@ register_system(
         _zarrckpt_save,
         _zarrckpt_load,
         note="zarrckpt.save(sd, dir, fsync=...) / zarrckpt.load(sd, dir) in place, defaults",
+        modules=("zarrckpt",),
     )
 )
 
@@ -190,6 +193,7 @@ register_system(
         _dcp_load,
         note="torch.distributed.checkpoint save/load, FileSystemWriter(sync_files=fsync) "
         "defaults, no process group",
+        modules=("torch.distributed.checkpoint",),
     )
 )
 
@@ -217,6 +221,7 @@ register_system(
         _safetensors_save,
         _safetensors_load,
         note="save_file(flat tensors) [+ os.fsync]; load_file then copy_ (tensors only)",
+        modules=("safetensors.torch",),
     )
 )
 
@@ -274,6 +279,7 @@ register_system(
         _tensorstore_load,
         note="one uncompressed zarr3 array per tensor (64 MiB row-slab chunks, file_io_sync="
         "fsync), concurrent writes/reads; read() then copy_ (tensors only)",
+        modules=("tensorstore", "ml_dtypes"),
     )
 )
 

@@ -193,7 +193,7 @@ def small_tensors(size: str) -> Workload:
 
 # --------------------------------------------------------------------------- (c)
 
-_GPT = {
+_GPT_SIZES = {
     # size: (vocab, d_model, layers, context)
     "full": (32000, 768, 8, 1024),
     "quick": (8000, 256, 4, 256),
@@ -233,7 +233,7 @@ def transformer_adam(size: str) -> Workload:
     """(c) A transformer-shaped model and its Adam state (one optimizer step taken)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    vocab, d, layers, context = _GPT[size]
+    vocab, d, layers, context = _GPT_SIZES[size]
     torch.manual_seed(3)
     with torch.no_grad():
         model = _GPT(vocab, d, layers, context)

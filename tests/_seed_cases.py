@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import threading
@@ -155,7 +156,9 @@ class Checks:
         a = local(a).detach().cpu()
         b = local(b).detach().cpu()
         if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
-            self.failures.append(f"{what}: {a.flatten()[:6].tolist()} != {b.flatten()[:6].tolist()}")
+            self.failures.append(
+                f"{what}: {a.flatten()[:6].tolist()} != {b.flatten()[:6].tolist()}"
+            )
 
     def differ(self, a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         a = local(a).detach().cpu()
@@ -308,6 +311,26 @@ def train_step(model: nn.Module, in_features: int, seed: int = 0) -> None:
     optimizer.zero_grad()
 
 
+def ckpt_save(state: Any, path: str, backend: str = "zarrckpt", **kw: Any) -> None:
+    """``zarrckpt.save``, or ``dcp.save`` with ``ZarrStorageWriter`` (backend "dcp")."""
+    if backend == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, storage_writer=zarrckpt.ZarrStorageWriter(path, **kw))
+    else:
+        zarrckpt.save(state, path, **kw)
+
+
+def ckpt_load(state: Any, path: str, backend: str = "zarrckpt") -> Any:
+    """``zarrckpt.load``, or ``dcp.load`` with ``ZarrStorageReader`` (backend "dcp")."""
+    if backend == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(state, storage_reader=zarrckpt.ZarrStorageReader(path))
+        return state
+    return zarrckpt.load(state, path)
+
+
 def _exc_info(e: BaseException, start: float) -> dict[str, Any]:
     return {
         "type": type(e).__name__,
@@ -321,7 +344,9 @@ def _exc_info(e: BaseException, start: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 001 TP
 
 
-def tp_checkpoint(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def tp_checkpoint(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """Seed 001 test_tp_checkpoint: save, train a step, load in place."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -334,7 +359,7 @@ def tp_checkpoint(rank: int, world_size: int, path: str) -> dict[str, Any]:
         MLPModule(), tp_mesh(world_size), {"net1": ColwiseParallel(), "net2": RowwiseParallel()}
     )
     original = copy.deepcopy(model.state_dict())
-    zarrckpt.save(original, path)
+    ckpt_save(original, path, backend)
 
     train_step(model, 10)
     state_dict = model.state_dict()
@@ -344,7 +369,7 @@ def tp_checkpoint(rank: int, world_size: int, path: str) -> dict[str, Any]:
     ptrs = {k: local(v).data_ptr() for k, v in state_dict.items()}
     param_ptrs = {k: local(p).data_ptr() for k, p in model.named_parameters()}
 
-    result = zarrckpt.load(state_dict, path)
+    result = ckpt_load(state_dict, path, backend)
     chk.true(result is state_dict, "load returns the same state dict")
     for name in original:
         chk.equal(state_dict[name], original[name], f"{name} loaded")
@@ -357,7 +382,9 @@ def tp_checkpoint(rank: int, world_size: int, path: str) -> dict[str, Any]:
     return {"failures": chk.failures}
 
 
-def tp_checkpoint_meta(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def tp_checkpoint_meta(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """Seed 001 test_tp_checkpoint_load_on_meta_device (uneven and empty shards)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -370,13 +397,13 @@ def tp_checkpoint_meta(rank: int, world_size: int, path: str) -> dict[str, Any]:
     plan = {"net1": ColwiseParallel(), "net2": RowwiseParallel(), "net3": ColwiseParallel()}
     model = parallelize_module(UnevenShardedModel("cpu"), mesh, parallelize_plan=plan)
     original = {"model": model.state_dict()}
-    zarrckpt.save(original, path)
+    ckpt_save(original, path, backend)
     local_shapes = {k: list(local(v).shape) for k, v in original["model"].items()}
 
     model2 = parallelize_module(UnevenShardedModel("meta"), mesh, parallelize_plan=plan)
     before = model2.state_dict()
     to_load = {"model": before}
-    zarrckpt.load(to_load, path)
+    ckpt_load(to_load, path, backend)
     chk.true(to_load["model"] is before, "state_dict_to_load['model'] is model2_sd_before_load")
 
     model2.load_state_dict(to_load["model"], assign=True)
@@ -405,7 +432,7 @@ def tp_checkpoint_meta(rank: int, world_size: int, path: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 002 FSDP1 -> TP
 
 
-def fsdp_to_tp(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def fsdp_to_tp(rank: int, world_size: int, path: str, backend: str = "zarrckpt") -> dict[str, Any]:
     """Seed 002: FSDP1 SHARDED_STATE_DICT (ShardedTensor) saved, loaded into a TP model."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -425,7 +452,7 @@ def fsdp_to_tp(rank: int, world_size: int, path: str) -> dict[str, Any]:
         all(isinstance(v, ShardedTensor) for v in fsdp_state_dict.values()),
         "FSDP1 sharded state dict holds ShardedTensors",
     )
-    zarrckpt.save(fsdp_state_dict, path)
+    ckpt_save(fsdp_state_dict, path, backend)
 
     tp_model = parallelize_module(
         MLPModule(), tp_mesh(world_size), {"net1": ColwiseParallel(), "net2": RowwiseParallel()}
@@ -437,7 +464,7 @@ def fsdp_to_tp(rank: int, world_size: int, path: str) -> dict[str, Any]:
         chk.true(isinstance(tp_v, DTensor), f"{k} is a DTensor in the TP model")
         chk.differ(full(fsdp_v), full(tp_v), f"{k} differs before load")
 
-    zarrckpt.load(tp_state_dict, path)
+    ckpt_load(tp_state_dict, path, backend)
     tp_model.load_state_dict(tp_state_dict)
     for (k, fsdp_v), tp_v in zip(fsdp_state_dict.items(), tp_state_dict.values(), strict=True):
         chk.equal(full(tp_v), full(fsdp_v), f"{k} equal after load")
@@ -446,11 +473,11 @@ def fsdp_to_tp(rank: int, world_size: int, path: str) -> dict[str, Any]:
     return {"failures": chk.failures}
 
 
-# --------------------------------------------------------------------------- 003 FSDP1 local / sharded
+# ----------------------------------------------------------------------- 003 FSDP1 local / sharded
 
 
 def _fsdp_state_dict_roundtrip(
-    rank: int, world_size: int, path: str, state_dict_type_name: str
+    rank: int, world_size: int, path: str, state_dict_type_name: str, backend: str
 ) -> dict[str, Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import StateDictType
@@ -474,18 +501,20 @@ def _fsdp_state_dict_roundtrip(
         "models differ before load",
     )
 
-    with FSDP.state_dict_type(model, state_dict_type), FSDP.state_dict_type(
-        new_model, state_dict_type
+    with (
+        FSDP.state_dict_type(model, state_dict_type),
+        FSDP.state_dict_type(new_model, state_dict_type),
     ):
         state_dict = model.state_dict()
     leaf_types = sorted({type(v).__name__ for v in state_dict.values()})
-    zarrckpt.save(state_dict, path)
+    ckpt_save(state_dict, path, backend)
 
-    with FSDP.state_dict_type(model, state_dict_type), FSDP.state_dict_type(
-        new_model, state_dict_type
+    with (
+        FSDP.state_dict_type(model, state_dict_type),
+        FSDP.state_dict_type(new_model, state_dict_type),
     ):
         state_dict = new_model.state_dict()
-        zarrckpt.load(state_dict, path)
+        ckpt_load(state_dict, path, backend)
         new_model.load_state_dict(state_dict)
 
     with FSDP.summon_full_params(model), FSDP.summon_full_params(new_model):
@@ -497,20 +526,26 @@ def _fsdp_state_dict_roundtrip(
     return {"failures": chk.failures, "keys": sorted(state_dict), "leaf_types": leaf_types}
 
 
-def fsdp1_local_state_dict(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def fsdp1_local_state_dict(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """Seed 003 with StateDictType.LOCAL_STATE_DICT."""
-    return _fsdp_state_dict_roundtrip(rank, world_size, path, "LOCAL_STATE_DICT")
+    return _fsdp_state_dict_roundtrip(rank, world_size, path, "LOCAL_STATE_DICT", backend)
 
 
-def fsdp1_sharded_state_dict(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def fsdp1_sharded_state_dict(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """Seed 003 with StateDictType.SHARDED_STATE_DICT."""
-    return _fsdp_state_dict_roundtrip(rank, world_size, path, "SHARDED_STATE_DICT")
+    return _fsdp_state_dict_roundtrip(rank, world_size, path, "SHARDED_STATE_DICT", backend)
 
 
 # --------------------------------------------------------------------------- 004 FSDP1 model state
 
 
-def _fsdp_model_state(rank: int, world_size: int, path: str, process_group: Any) -> dict[str, Any]:
+def _fsdp_model_state(
+    rank: int, world_size: int, path: str, process_group: Any, backend: str
+) -> dict[str, Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import StateDictType
 
@@ -520,7 +555,7 @@ def _fsdp_model_state(rank: int, world_size: int, path: str, process_group: Any)
 
     with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
         state_dict = {"model": model.state_dict()}
-        zarrckpt.save(state_dict, path)
+        ckpt_save(state_dict, path, backend)
 
     model_2 = fsdp1(nn.Linear(8, 8, device="meta"), process_group=process_group)
     with FSDP.summon_full_params(model), FSDP.summon_full_params(model_2):
@@ -529,7 +564,7 @@ def _fsdp_model_state(rank: int, world_size: int, path: str, process_group: Any)
 
     with FSDP.state_dict_type(model_2, StateDictType.SHARDED_STATE_DICT):
         state_dict = {"model": model_2.state_dict()}
-        zarrckpt.load(state_dict, path)
+        ckpt_load(state_dict, path, backend)
         model_2.load_state_dict(state_dict["model"])
 
     with FSDP.summon_full_params(model), FSDP.summon_full_params(model_2):
@@ -539,29 +574,35 @@ def _fsdp_model_state(rank: int, world_size: int, path: str, process_group: Any)
     return {"failures": chk.failures, "model_2_flat_numel": flat.numel()}
 
 
-def fsdp_model_state_no_resharding(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def fsdp_model_state_no_resharding(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """Seed 004 test_fsdp_model_state_no_resharding."""
-    return _fsdp_model_state(rank, world_size, path, None)
+    return _fsdp_model_state(rank, world_size, path, None, backend)
 
 
-def fsdp_model_state_with_resharding(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def fsdp_model_state_with_resharding(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """Seed 004 test_fsdp_model_state_with_resharding: load into even/odd subgroups."""
     group1 = [i for i in range(world_size) if i % 2 == 0]
     group2 = [i for i in range(world_size) if i % 2 != 0]
     fsdp_0 = dist.new_group(ranks=group1)
     fsdp_1 = dist.new_group(ranks=group2)
     my_fsdp = fsdp_0 if rank % 2 == 0 else fsdp_1
-    return _fsdp_model_state(rank, world_size, path, my_fsdp)
+    return _fsdp_model_state(rank, world_size, path, my_fsdp, backend)
 
 
 # --------------------------------------------------------------------------- 000 save side
 
 
-def stateful_model_fsdp2(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def stateful_model_fsdp2(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """Seed 000 save side: ``save({"model": model})`` of an FSDP2 module, load into another."""
     chk = Checks()
     model = fsdp2(SimpleModelUneven(seed=0), world_size)
-    zarrckpt.save({"model": model}, path)
+    ckpt_save({"model": model}, path, backend)
     expected = {k: full(v) for k, v in model.state_dict().items()}
 
     model2 = fsdp2(SimpleModelUneven(seed=1), world_size)
@@ -575,13 +616,13 @@ def stateful_model_fsdp2(rank: int, world_size: int, path: str) -> dict[str, Any
     model2.load_state_dict = spy  # type: ignore[method-assign]
     for k, v in model2.state_dict().items():
         chk.differ(full(v), expected[k], f"{k} differs before load")
-    zarrckpt.load({"model": model2}, path)
+    ckpt_load({"model": model2}, path, backend)
     chk.true(len(calls) == 1, f"model2.load_state_dict called once (got {len(calls)})")
     for k, v in model2.state_dict().items():
         chk.equal(full(v), expected[k], f"{k} equal after load")
     if rank == 0:
         ckpt = zarrckpt.open(path)
-        stored = {k: ckpt.read(k) for k in ckpt.keys()}
+        stored = {k: ckpt.read(k) for k in list(ckpt.keys())}
         chk.true(
             sorted(stored) == sorted(f"model.{k}" for k in expected),
             f"stored keys {sorted(stored)}",
@@ -592,11 +633,11 @@ def stateful_model_fsdp2(rank: int, world_size: int, path: str) -> dict[str, Any
     return {"failures": chk.failures}
 
 
-def stateful_model_single(path: str) -> dict[str, Any]:
+def stateful_model_single(path: str, backend: str = "zarrckpt") -> dict[str, Any]:
     """Seed 000 save side in one process (no torch.distributed)."""
     chk = Checks()
     model = SimpleModelUneven(seed=0)
-    zarrckpt.save({"model": model}, path)
+    ckpt_save({"model": model}, path, backend)
     model2 = SimpleModelUneven(seed=1)
     calls: list[int] = []
     load_state_dict = model2.load_state_dict
@@ -606,7 +647,7 @@ def stateful_model_single(path: str) -> dict[str, Any]:
         return load_state_dict(sd, *a, **kw)
 
     model2.load_state_dict = spy  # type: ignore[method-assign]
-    zarrckpt.load({"model": model2}, path)
+    ckpt_load({"model": model2}, path, backend)
     chk.true(len(calls) == 1, f"model2.load_state_dict called once (got {len(calls)})")
     sd, sd2 = model.state_dict(), model2.state_dict()
     chk.true(list(sd) == list(sd2), "same keys")
@@ -621,7 +662,7 @@ def stateful_model_single(path: str) -> dict[str, Any]:
 
 
 def _single_writer(
-    rank: int, world_size: int, path: str, model: nn.Module, n_extra: int
+    rank: int, world_size: int, path: str, model: nn.Module, n_extra: int, backend: str
 ) -> dict[str, Any]:
     """Save a sharded model plus replicated plain tensors, recording this rank's chunk files."""
     chk = Checks()
@@ -631,7 +672,7 @@ def _single_writer(
         "extra": {f"t{i}": torch.arange(4, dtype=torch.float32) + i for i in range(n_extra)},
     }
     with record_writes() as written:
-        zarrckpt.save(state, path)
+        ckpt_save(state, path, backend)
     local_shapes = {f"model.{k}": list(local(v).shape) for k, v in state["model"].items()}
     placements = {
         f"model.{k}": [str(p) for p in getattr(v, "placements", ())]
@@ -649,7 +690,7 @@ def _single_writer(
         "step": torch.tensor(0),
         "extra": {k: torch.zeros(4) for k in state["extra"]},
     }
-    zarrckpt.load(target, path)
+    ckpt_load(target, path, backend)
     for k, v in state["model"].items():
         chk.equal(target["model"][k], v, f"model.{k} loaded")
     chk.equal(target["step"], torch.tensor(7), "step loaded")
@@ -663,12 +704,18 @@ def _single_writer(
     }
 
 
-def single_writer_fsdp2(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def single_writer_fsdp2(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """FSDP2 (fully_shard, Shard(0)) with even shards, plus replicated plain tensors."""
-    return _single_writer(rank, world_size, path, fsdp2(Wide(), world_size), n_extra=2 * world_size)
+    return _single_writer(
+        rank, world_size, path, fsdp2(Wide(), world_size), n_extra=2 * world_size, backend=backend
+    )
 
 
-def single_writer_tp(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def single_writer_tp(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
     """TP colwise net1 (Shard(0)) / rowwise net2 (Shard(1), replicated bias), even shards."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -679,7 +726,7 @@ def single_writer_tp(rank: int, world_size: int, path: str) -> dict[str, Any]:
     model = parallelize_module(
         Wide(), tp_mesh(world_size), {"net1": ColwiseParallel(), "net2": RowwiseParallel()}
     )
-    return _single_writer(rank, world_size, path, model, n_extra=2 * world_size)
+    return _single_writer(rank, world_size, path, model, n_extra=2 * world_size, backend=backend)
 
 
 # --------------------------------------------------------------------------- failures
@@ -694,9 +741,7 @@ def _failure_state(world_size: int, version: int) -> dict[str, Any]:
     }
 
 
-def _load_fresh_and_compare(
-    path: str, expected: dict[str, Any], chk: Checks, what: str
-) -> None:
+def _load_fresh_and_compare(path: str, expected: dict[str, Any], chk: Checks, what: str) -> None:
     target = {
         "model": {k: torch.zeros_like(v) for k, v in expected["model"].items()},
         "step": torch.tensor(-1),
@@ -714,9 +759,7 @@ def _load_fresh_and_compare(
         chk.equal(target["extra"][k], v, f"{what}: extra.{k}")
 
 
-def _failing_save(
-    rank: int, world_size: int, path: str, failing_rank: int
-) -> dict[str, Any]:
+def _failing_save(rank: int, world_size: int, path: str, failing_rank: int) -> dict[str, Any]:
     chk = Checks()
     old = _failure_state(world_size, 1)
     zarrckpt.save(old, path)
@@ -818,8 +861,10 @@ def async_save_scenario(rank: int, world_size: int, path: str) -> dict[str, Any]
             local(p).add_(1.0)
     state["step"].fill_(2)
     fut.result(timeout=120)
-    target = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()},
-              "step": torch.tensor(0)}
+    target = {
+        "model": {k: torch.zeros_like(v) for k, v in state["model"].items()},
+        "step": torch.tensor(0),
+    }
     zarrckpt.load(target, path)
     for k, v in old.items():
         chk.equal(local(target["model"][k]), v, f"first async_save holds the old {k}")
@@ -867,8 +912,11 @@ def async_save_scenario(rank: int, world_size: int, path: str) -> dict[str, Any]
     fut = zarrckpt.async_save({"after_error": torch.arange(3)}, path + "-after")
     try:
         fut.result(timeout=120)
-        chk.equal(zarrckpt.open(path + "-after").read("after_error"), torch.arange(3),
-                  "save after a failed async_save")
+        chk.equal(
+            zarrckpt.open(path + "-after").read("after_error"),
+            torch.arange(3),
+            "save after a failed async_save",
+        )
     except Exception as e:
         chk.true(False, f"async_save after an error raised {type(e).__name__}: {e}")
     return {"failures": chk.failures, **info}
@@ -890,7 +938,12 @@ def run_scenarios(
     warnings.filterwarnings("ignore", category=UserWarning)
     out: dict[str, dict[str, Any]] = {}
     for name in names:
-        fn = globals()[name]
+        # "scenario@dcp": the scenario through dcp.save / dcp.load and the zarrckpt plug-ins
+        func, _, backend = name.partition("@")
+        fn = functools.partial(globals()[func], backend=backend) if backend else globals()[func]
+        # progress log: tells the parent which scenario a hung group was in
+        with open(os.path.join(base, f"progress-rank{rank}.txt"), "a") as log:
+            log.write(f"{name}\n")
         start = time.monotonic()
         try:
             result = dict(fn(rank, world_size, os.path.join(base, name)))
@@ -899,4 +952,57 @@ def run_scenarios(
             result = {"failures": [], "exception": traceback.format_exc()}
         result["seconds"] = round(time.monotonic() - start, 2)
         out[name] = result
+    return out
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class SpawnCache:
+    """Run each world size's scenario list once per test module and keep the results."""
+
+    def __init__(self, scenarios: dict[int, list[str]], base: Callable[[int], str], timeout: float):
+        self.scenarios = scenarios
+        self.base = base
+        self.timeout = timeout
+        self._done: dict[int, Any] = {}
+
+    def __call__(self, world_size: int) -> list[dict[str, dict[str, Any]]]:
+        from zarrckpt.testing import DistributedTestError, run_distributed
+
+        if world_size not in self._done:
+            base = self.base(world_size)
+            try:
+                self._done[world_size] = run_distributed(
+                    run_scenarios,
+                    world_size,
+                    base,
+                    self.scenarios[world_size],
+                    timeout=self.timeout,
+                )
+            except DistributedTestError as e:
+                progress = {}
+                for r in range(world_size):
+                    try:
+                        with open(os.path.join(base, f"progress-rank{r}.txt")) as f:
+                            progress[r] = f.read().split()[-1:]
+                    except OSError:
+                        progress[r] = []
+                self._done[world_size] = DistributedTestError(
+                    f"{e}\nlast scenario started per rank: {progress}"
+                )
+        value = self._done[world_size]
+        if isinstance(value, BaseException):
+            raise value
+        return list(value)
+
+
+def problems(per_rank: list[dict[str, dict[str, Any]]], name: str) -> list[str]:
+    """Failed checks and escaped exceptions of scenario ``name`` on every rank."""
+    out = []
+    for rank, results in enumerate(per_rank):
+        r = results[name]
+        if r["exception"]:
+            out.append(f"rank {rank} raised:\n{r['exception']}")
+        out.extend(f"rank {rank}: {f}" for f in r["failures"])
     return out

@@ -10,6 +10,8 @@ typo in the language cannot hide an example from this test.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +93,21 @@ BLOCKS = all_blocks()
 
 
 def run_block(block: Block) -> None:
-    """Execute ``block`` in a fresh namespace (in the current directory)."""
+    """Execute ``block`` in a fresh namespace (in the current directory).
+
+    A block guarded by ``if __name__ == "__main__":`` is a script (it spawns
+    processes, which must import their functions from a real file): it is
+    written to ``example.py`` and run by a fresh interpreter.
+    """
+    if 'if __name__ == "__main__":' in block.code:
+        script = Path("example.py")
+        script.write_text("\n" * (block.line - 1) + block.code, encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"{block.id} exited with {done.returncode}:\n{done.stderr}")
+        return
     # pad with blank lines so tracebacks point at the Markdown file's own line numbers
     source = "\n" * (block.line - 1) + block.code
     code = compile(source, str(block.path), "exec")

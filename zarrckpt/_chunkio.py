@@ -177,6 +177,16 @@ class ChunkReader:
                 f"{crc32c(data).to_bytes(4, 'little').hex()} computed)"
             )
 
+    def _check_plain_size(self, fd: int, index: tuple[int, ...]) -> None:
+        """A plain chunk file is exactly the chunk's bytes and its crc32c."""
+        size = os.fstat(fd).st_size
+        expected = self.layout.chunk_nbytes + 4
+        if size != expected:
+            raise CorruptCheckpointError(
+                f"{self.what}: chunk {self.layout.chunk_key(index)!r} has {size} bytes, "
+                f"expected {expected} ({'truncated' if size < expected else 'trailing data'})"
+            )
+
     def _read_index(self, fd: int, index: tuple[int, ...]) -> np.ndarray:
         n_inner = int(np.prod(self.layout.inner_grid_shape))
         size = os.fstat(fd).st_size
@@ -217,6 +227,7 @@ class ChunkReader:
         fd = self._open(index)
         try:
             if layout.inner_shape is None:
+                self._check_plain_size(fd, index)
                 parts = [(index, layout.chunk_region(index), 0, layout.chunk_shape)]
             else:
                 table = self._read_index(fd, index)

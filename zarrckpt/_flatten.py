@@ -180,7 +180,9 @@ def decode_plain(node: JsonNode, resolve: Callable[[str, str], Any]) -> Any:
         return resolve("tensor", node["tensor"])
     if "pickle" in node:
         return resolve("pickle", node["pickle"])
-    raise ValueError(f"unknown tree node {sorted(node)}")
+    from .errors import CorruptCheckpointError
+
+    raise CorruptCheckpointError(f"unknown state-dict tree node with fields {sorted(node)}")
 
 
 def child_nodes(node: JsonNode) -> dict[Any, JsonNode] | None:

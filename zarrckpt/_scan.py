@@ -106,9 +106,16 @@ def plan_slabs(entries: Iterable[ArrayEntry], target_bytes: int = SLAB_BYTES) ->
     return out
 
 
-def pack(items: Sequence[Any], size: Callable[[Any], int], target: int = TASK_BYTES,
-         max_items: int = MAX_SLABS_PER_TASK) -> list[list[Any]]:
-    """Group consecutive items into lists of about ``target`` total size."""
+def pack(
+    items: Sequence[Any],
+    size: Callable[[Any], int],
+    target: int | None = None,
+    max_items: int | None = None,
+) -> list[list[Any]]:
+    """Group consecutive items into lists of about ``target`` total size
+    (default :data:`TASK_BYTES`, at most :data:`MAX_SLABS_PER_TASK` items)."""
+    target = TASK_BYTES if target is None else target
+    max_items = MAX_SLABS_PER_TASK if max_items is None else max_items
     groups: list[list[Any]] = []
     current: list[Any] = []
     total = 0

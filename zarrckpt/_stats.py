@@ -75,6 +75,8 @@ class Moments:
 
     n: int = 0
     mean: float = 0.0
+    #: plain float64 sum, used for the mean when a part's mean is infinite
+    total: float = 0.0
     m2: float = 0.0
     sumsq: float = 0.0
     vmin: Any = None
@@ -91,12 +93,17 @@ class Moments:
             return other
         n = self.n + other.n
         delta = other.mean - self.mean
+        total = self.total + other.total
         with np.errstate(invalid="ignore", over="ignore"):
-            mean = self.mean + delta * (other.n / n)
+            if math.isfinite(self.mean) and math.isfinite(other.mean):
+                mean = self.mean + delta * (other.n / n)
+            else:  # inf + (-inf) is NaN, as numpy's mean
+                mean = total / n
             m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
         return Moments(
             n,
             mean,
+            total,
             m2,
             self.sumsq + other.sumsq,
             _extreme(self.vmin, other.vmin, min),
@@ -164,7 +171,7 @@ def moments_of(x: np.ndarray) -> Moments:
         vmin, vmax = float(vmin), float(vmax)
     else:
         vmin, vmax = int(vmin), int(vmax)
-    return Moments(n, mean, m2, sumsq, vmin, vmax, nan, inf, zeros)
+    return Moments(n, mean, total, m2, sumsq, vmin, vmax, nan, inf, zeros)
 
 
 def finalize(entry: ArrayEntry, m: Moments) -> TensorStats:

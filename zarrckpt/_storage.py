@@ -261,10 +261,21 @@ def read_committed_root(path: str) -> dict[str, Any]:
         )
     try:
         root = json.loads(root_bytes)
-        root["attributes"][FORMAT_NAME]
+        manifest = root["attributes"][FORMAT_NAME]
+        same = (
+            manifest["format_version"] == version
+            and manifest["checkpoint_id"] == marker.get("checkpoint_id")
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(
             f"checkpoint {path!r}: root metadata {ROOT_METADATA!r} is not a zarrckpt "
             f"group document ({e!r})"
         ) from None
+    if not same:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r}: the manifest (format_version "
+            f"{manifest.get('format_version')!r}, checkpoint_id "
+            f"{manifest.get('checkpoint_id')!r}) does not match the commit marker "
+            f"(format_version {version!r}, checkpoint_id {marker.get('checkpoint_id')!r})"
+        )
     return dict(root)

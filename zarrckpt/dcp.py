@@ -48,6 +48,7 @@ import io
 import os
 import pickle
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,7 +178,8 @@ class ZarrStorageWriter(StorageWriter):
       staging directory are decided by the coordinator for every save).
     * If a save fails after planning, its hidden staging directory (beside
       ``path``, never loadable) is removed by ``finish`` or, when DCP aborts
-      before ``finish``, at the next save made with the same writer.
+      before ``finish`` (a rank failed to write), at the writer's next save,
+      when the writer is garbage-collected, or at interpreter exit.
     """
 
     def __init__(
@@ -203,6 +205,7 @@ class ZarrStorageWriter(StorageWriter):
         self.is_coordinator = False
         self.rank: int | None = None
         self._staging: str | None = None
+        self._cleanup: weakref.finalize | None = None
         self._entries: dict[str, ArrayEntry] = {}
 
     # ------------------------------------------------------------------ identity
@@ -249,9 +252,10 @@ class ZarrStorageWriter(StorageWriter):
         self._entries = {}
 
     def _discard_staging(self) -> None:
-        if self._staging is not None:
-            remove_tree(self._staging)
-            self._staging = None
+        if self._cleanup is not None:
+            self._cleanup()  # removes the staging directory (once)
+            self._cleanup = None
+        self._staging = None
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Check the dtypes of this rank's tensors early; the plan is unchanged."""
@@ -286,6 +290,10 @@ class ZarrStorageWriter(StorageWriter):
         check_writable(self.path, overwrite=self.overwrite)
         self._discard_staging()
         self._staging = new_staging_dir(self.path)
+        # DCP has no abort hook: a save that fails after this point (on any rank)
+        # never reaches finish(); the directory then goes with the writer (or the
+        # interpreter), or at the writer's next save, whichever comes first
+        self._cleanup = weakref.finalize(self, remove_tree, self._staging)
         self._entries = {e.fqn: e for e in entries}
         try:
             out = []
@@ -368,9 +376,9 @@ class ZarrStorageWriter(StorageWriter):
         entries: list[ArrayEntry] = []
         writers: dict[str, dict[tuple[int, ...], tuple[int, tuple[int, ...]]]] = {}
         seen: dict[str, str] = {}
-        for arr, plan in zip(arrays, planned, strict=True):
+        for arr, array_plan in zip(arrays, planned, strict=True):
             path = fqn_to_path(arr.fqn, checkpoint=self.path)
-            entry = ArrayEntry(arr.fqn, path, infos[arr.fqn], plan.layout)
+            entry = ArrayEntry(arr.fqn, path, infos[arr.fqn], array_plan.layout)
             if entry.path in seen:
                 raise InvalidKeyError(
                     f"keys {seen[entry.path]!r} and {entry.fqn!r} map to the same array path "
@@ -380,7 +388,7 @@ class ZarrStorageWriter(StorageWriter):
             entries.append(entry)
             writers[arr.fqn] = {
                 index: (rank, tuple(a for a, _ in arr.pieces[rank][k]))
-                for index, (rank, k) in plan.writers.items()
+                for index, (rank, k) in array_plan.writers.items()
             }
         return entries, writers
 
@@ -408,9 +416,9 @@ class ZarrStorageWriter(StorageWriter):
             fqn: parse_entry(fqn, raw, checkpoint=self.path) for fqn, raw in share["arrays"].items()
         }
         items = {
-            (item.index.fqn, tuple(item.index.offset or ())): item
+            (item.index.fqn, tuple(int(o) for o in item.tensor_data.chunk.offsets)): item
             for item in plan.items
-            if item.type != WriteItemType.BYTE_IO
+            if item.tensor_data is not None
         }
         sources: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
         written: dict[tuple[str, tuple[int, ...]], list[list[int]]] = {key: [] for key in items}
@@ -431,7 +439,7 @@ class ZarrStorageWriter(StorageWriter):
         results = [
             WriteResult(
                 index=items[key].index,
-                size_in_bytes=len(chunks) * entries[key[0]].layout.chunk_nbytes if chunks else 0,
+                size_in_bytes=len(chunks) * entries[key[0]].layout.chunk_nbytes,
                 storage_data={"kind": "tensor", "chunks": chunks},
             )
             for key, chunks in written.items()
@@ -440,8 +448,17 @@ class ZarrStorageWriter(StorageWriter):
         for item in plan.items:
             if item.type != WriteItemType.BYTE_IO:
                 continue
-            data = planner.resolve_data(item)
-            raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())
+            data: Any = planner.resolve_data(item)
+            if isinstance(data, io.BytesIO):
+                raw = data.getvalue()
+            elif hasattr(data, "read"):
+                data.seek(0)
+                raw = bytes(data.read())
+            else:
+                raise UnsupportedValueError(
+                    f"planner resolved byte item {item.index.fqn!r} for checkpoint "
+                    f"{self.path!r} to a {type(data).__name__}, expected a BytesIO"
+                )
             node, extra, extra_writes = self._encode_value(item.index.fqn, raw)
             metadata.extend(extra)
             chunk_writes.extend(extra_writes)
@@ -570,11 +587,9 @@ class ZarrStorageWriter(StorageWriter):
             )
         try:
             self._commit(staging, metadata, results)
-        except BaseException:
-            remove_tree(staging)
-            raise
         finally:
-            self._staging = None
+            # after a successful publish the staging path no longer exists
+            self._discard_staging()
 
     def _commit(self, staging: str, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         values: dict[str, dict[str, Any]] = {}

@@ -11,6 +11,7 @@ Example
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -45,7 +46,9 @@ def _worker(
             value = fn(rank, world_size, *args, **kwargs)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, value))
+        # plain pickle bytes: tensors travel by value, not as shared-memory handles
+        # that die with this process
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
 
@@ -126,7 +129,7 @@ def run_distributed(
                         break
                 else:
                     continue
-            outcome[rank] = (ok, value)
+            outcome[rank] = (ok, pickle.loads(value) if ok else value)
             if not ok and failure is None:
                 failure = f"rank {rank} raised:\n{value}"
     finally:
