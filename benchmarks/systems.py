@@ -5,7 +5,7 @@ A system has a ``save(workload, path, fsync, options)`` and/or a
 directory, which must not exist yet). Loads end with the checkpoint's values
 in the workload's own tensors (the preallocated "model"), copying them there
 when the library returns new tensors, and return None; a load that returns
-its data instead (the raw numpy bound) returns ``{fqn: array}``. Every load
+its data instead returns ``{fqn: array}``. Every load
 is verified against crc32c checksums by the runner, outside the timings.
 
 ``fsync=True`` means the bytes are durable when ``save`` returns: single-file
@@ -295,22 +295,26 @@ def _raw_save(wl: Workload, path: str, fsync: bool, options: Mapping[str, Any]) 
             os.fsync(f.fileno())
 
 
-def _raw_load(wl: Workload, path: str, options: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    out = {}
-    with open(path, "rb") as f:
-        for fqn, t in wl.flat.items():
-            view = _raw_view(t)
-            out[fqn] = np.fromfile(f, dtype=view.dtype, count=view.size).reshape(view.shape)
-    return out
+def _raw_load(wl: Workload, path: str, options: Mapping[str, Any]) -> None:
+    with open(path, "rb", buffering=0) as f:
+        for t in wl.flat.values():
+            view = memoryview(_raw_view(t).reshape(-1).view(np.uint8))
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise EOFError(f"{path} is truncated")
+                got += n
 
 
 register_system(
     System(
         RAW,
-        "numpy tofile/fromfile (bound)",
+        "numpy raw bound",
         _raw_save,
         _raw_load,
         note="the same bytes as one file: ndarray.tofile per tensor [+ os.fsync]; "
-        "np.fromfile per tensor into new arrays (no copy into the model)",
+        "read back sequentially, single-threaded, with readinto straight into the model's "
+        "tensors (np.fromfile without its allocation)",
     )
 )

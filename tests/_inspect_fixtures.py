@@ -112,6 +112,15 @@ PRODUCERS: dict[str, Callable[[str], Produced]] = {
     "single": produce_single,
 }
 
+_CACHE: dict[str, Produced] = {}
+
+
+def get_produced(label: str, factory: Any) -> Produced:
+    """Run a producer once per test session (``factory``: pytest's tmp_path_factory)."""
+    if label not in _CACHE:
+        _CACHE[label] = PRODUCERS[label](str(factory.mktemp(f"produced-{label}")))
+    return _CACHE[label]
+
 
 def _fsdp2_worker(rank: int, world_size: int, root: str) -> None:
     import torch.distributed as dist

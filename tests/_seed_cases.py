@@ -90,20 +90,20 @@ class SimpleModelUneven(nn.Module):
 
 
 class SkipModule(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = 10) -> None:
         super().__init__()
-        self.lin = nn.Linear(10, 10, bias=False)
+        self.lin = nn.Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x)
 
 
 class NestedLinear(nn.Module):
-    def __init__(self, fsdp_wrap: bool) -> None:
+    def __init__(self, fsdp_wrap: bool, width: int = 10) -> None:
         from torch.distributed.fsdp.wrap import wrap
 
         super().__init__()
-        linear = nn.Linear(10, 10, bias=False)
+        linear = nn.Linear(width, width, bias=False)
         self.nested_linear = wrap(linear) if fsdp_wrap else linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,15 +111,19 @@ class NestedLinear(nn.Module):
 
 
 class SkipModel(nn.Module):
-    """torch.testing._internal.common_fsdp.SkipModel on CPU (nested FSDP units via wrap)."""
+    """torch.testing._internal.common_fsdp.SkipModel on CPU (nested FSDP units via wrap).
 
-    def __init__(self, double_nest: bool) -> None:
+    ``width=10`` is the seed's model; an odd width (7) gives FSDP1 flat
+    parameters with padding and uneven per-rank shards.
+    """
+
+    def __init__(self, double_nest: bool, width: int = 10) -> None:
         from torch.distributed.fsdp.wrap import wrap
 
         super().__init__()
-        self.linear = nn.Linear(10, 10, bias=False)
-        self.linear_skip = SkipModule()
-        self.nested_linear = wrap(NestedLinear(fsdp_wrap=double_nest))
+        self.linear = nn.Linear(width, width, bias=False)
+        self.linear_skip = SkipModule(width)
+        self.nested_linear = wrap(NestedLinear(fsdp_wrap=double_nest, width=width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.nested_linear(self.linear_skip(self.linear(x)))
@@ -477,7 +481,12 @@ def fsdp_to_tp(rank: int, world_size: int, path: str, backend: str = "zarrckpt")
 
 
 def _fsdp_state_dict_roundtrip(
-    rank: int, world_size: int, path: str, state_dict_type_name: str, backend: str
+    rank: int,
+    world_size: int,
+    path: str,
+    state_dict_type_name: str,
+    backend: str,
+    width: int = 10,
 ) -> dict[str, Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import StateDictType
@@ -487,9 +496,9 @@ def _fsdp_state_dict_roundtrip(
     chk = Checks()
     with enable_wrap(wrapper_cls=FSDP, device_id=torch.device("cpu")):
         torch.manual_seed(100)
-        model = wrap(SkipModel(double_nest=True))
+        model = wrap(SkipModel(double_nest=True, width=width))
         torch.manual_seed(200)
-        new_model = wrap(SkipModel(double_nest=True))
+        new_model = wrap(SkipModel(double_nest=True, width=width))
     n_units = sum(1 for m in model.modules() if isinstance(m, FSDP))
     chk.true(n_units == 3, f"nested wrapping gives 3 FSDP units (got {n_units})")
 
@@ -538,6 +547,20 @@ def fsdp1_sharded_state_dict(
 ) -> dict[str, Any]:
     """Seed 003 with StateDictType.SHARDED_STATE_DICT."""
     return _fsdp_state_dict_roundtrip(rank, world_size, path, "SHARDED_STATE_DICT", backend)
+
+
+def fsdp1_local_state_dict_padded(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
+    """Seed 003 LOCAL_STATE_DICT with width-7 layers: padded flat parameters, uneven shards."""
+    return _fsdp_state_dict_roundtrip(rank, world_size, path, "LOCAL_STATE_DICT", backend, 7)
+
+
+def fsdp1_sharded_state_dict_padded(
+    rank: int, world_size: int, path: str, backend: str = "zarrckpt"
+) -> dict[str, Any]:
+    """Seed 003 SHARDED_STATE_DICT with width-7 layers (7 rows over 2 or 4 ranks)."""
+    return _fsdp_state_dict_roundtrip(rank, world_size, path, "SHARDED_STATE_DICT", backend, 7)
 
 
 # --------------------------------------------------------------------------- 004 FSDP1 model state
@@ -779,6 +802,18 @@ def _failing_save(rank: int, world_size: int, path: str, failing_rank: int) -> d
     dist.barrier()  # rank 0 removes the staging directory when its save raises
     chk.true(not staging_dirs(path), f"no staging directory left: {staging_dirs(path)}")
     _load_fresh_and_compare(path, old, chk, "previous checkpoint after the failed save")
+    # the same failure when saving to a new path: nothing appears there
+    fresh = path + "-fresh"
+    try:
+        ctx = fail_writes_after(1) if rank == failing_rank else contextlib.nullcontext([0])
+        with ctx:
+            zarrckpt.save(new, fresh)
+        chk.true(False, "the save to a new path did not raise")
+    except ZarrCkptError:
+        pass
+    dist.barrier()
+    chk.true(not os.path.lexists(fresh), f"failed save to a new path left {fresh}")
+    chk.true(not staging_dirs(fresh), f"no staging directory left: {staging_dirs(fresh)}")
     # the group is still usable: a later save succeeds
     zarrckpt.save(new, path, overwrite=True)
     _load_fresh_and_compare(path, new, chk, "checkpoint saved after the failure")
@@ -948,7 +983,9 @@ def run_scenarios(
         try:
             result = dict(fn(rank, world_size, os.path.join(base, name)))
             result["exception"] = None
-        except Exception:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # DCP's CheckpointException is a BaseException
             result = {"failures": [], "exception": traceback.format_exc()}
         result["seconds"] = round(time.monotonic() - start, 2)
         out[name] = result
@@ -958,20 +995,78 @@ def run_scenarios(
 # --------------------------------------------------------------------------- parent side
 
 
-class SpawnCache:
-    """Run each world size's scenario list once per test module and keep the results."""
+#: scenarios of tests/test_seeds.py ("name@dcp": through dcp.save / dcp.load and the plug-ins)
+SEED_SCENARIOS: dict[int, list[str]] = {
+    2: [
+        "tp_checkpoint",
+        "tp_checkpoint_meta",
+        "fsdp_to_tp",
+        "fsdp1_local_state_dict",
+        "fsdp1_sharded_state_dict",
+        "fsdp1_local_state_dict_padded",
+        "fsdp1_sharded_state_dict_padded",
+        "fsdp_model_state_no_resharding",
+        "stateful_model_fsdp2",
+    ],
+    4: [
+        "tp_checkpoint",
+        "tp_checkpoint_meta",
+        "fsdp_to_tp",
+        "fsdp1_local_state_dict",
+        "fsdp1_sharded_state_dict",
+        "fsdp1_local_state_dict_padded",
+        "fsdp1_sharded_state_dict_padded",
+        "fsdp_model_state_no_resharding",
+        "fsdp_model_state_with_resharding",
+    ],
+}
+for _names in SEED_SCENARIOS.values():
+    _names += [f"{n}@dcp" for n in list(_names)]
 
-    def __init__(self, scenarios: dict[int, list[str]], base: Callable[[int], str], timeout: float):
+#: scenarios of tests/test_distributed_reliability.py
+RELIABILITY_SCENARIOS: dict[int, list[str]] = {
+    2: [
+        "save_failure_other_rank",
+        "save_failure_coordinator",
+        "planning_failure_sparse",
+        "planning_failure_partial",
+        "planning_failure_dtype",
+        "async_save_scenario",
+        "single_writer_fsdp2",
+        "single_writer_tp",
+        "single_writer_fsdp2@dcp",
+        "single_writer_tp@dcp",
+    ],
+    4: [
+        "save_failure_other_rank",
+        "save_failure_coordinator",
+        "planning_failure_sparse",
+        "planning_failure_partial",
+        "planning_failure_dtype",
+        "single_writer_fsdp2",
+        "single_writer_fsdp2@dcp",
+    ],
+}
+
+
+class SpawnCache:
+    """Run each world size's scenario list once and keep the results (and directories)."""
+
+    def __init__(
+        self, scenarios: dict[int, list[str]], base: Callable[[int], str], timeout: float
+    ) -> None:
         self.scenarios = scenarios
         self.base = base
         self.timeout = timeout
+        #: world size -> directory holding the checkpoints of that spawn
+        self.bases: dict[int, str] = {}
         self._done: dict[int, Any] = {}
 
     def __call__(self, world_size: int) -> list[dict[str, dict[str, Any]]]:
         from zarrckpt.testing import DistributedTestError, run_distributed
 
         if world_size not in self._done:
-            base = self.base(world_size)
+            base = self.bases[world_size] = self.base(world_size)
             try:
                 self._done[world_size] = run_distributed(
                     run_scenarios,
@@ -995,6 +1090,26 @@ class SpawnCache:
         if isinstance(value, BaseException):
             raise value
         return list(value)
+
+
+_SHARED: SpawnCache | None = None
+
+
+def shared_spawns(tmp_path_factory: Any) -> SpawnCache:
+    """One spawn per world size for the whole pytest session, running the scenarios of
+    both test modules (a spawn of 4 ranks costs 10-20 s on the 2-core test machine)."""
+    global _SHARED
+    if _SHARED is None:
+        scenarios = {
+            ws: SEED_SCENARIOS.get(ws, []) + RELIABILITY_SCENARIOS.get(ws, [])
+            for ws in sorted(set(SEED_SCENARIOS) | set(RELIABILITY_SCENARIOS))
+        }
+        _SHARED = SpawnCache(
+            scenarios,
+            lambda ws: str(tmp_path_factory.mktemp(f"scenarios-ws{ws}")),
+            timeout=600,
+        )
+    return _SHARED
 
 
 def problems(per_rank: list[dict[str, dict[str, Any]]], name: str) -> list[str]:

@@ -87,7 +87,9 @@ def truncate(path: str, by: int) -> None:
 
 
 def _target() -> dict[str, Any]:
-    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in _state().items()}
+    return {
+        k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in _state().items()
+    }
 
 
 def assert_all_readers_fail(

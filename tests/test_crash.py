@@ -13,6 +13,7 @@ checkpoint (never a half one that loads, never an error other than "nothing here
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -181,10 +182,8 @@ def run_child_and_kill(zygote: Any, path: str, gen: int, when: str | float) -> b
         else:
             time.sleep(when)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + 60
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -204,7 +203,9 @@ def check_checkpoint(path: str, allowed: set[int]) -> int:
     gen, mb = head["generation"], head["meta"]["mb"]
     assert gen in allowed, f"generation {gen} at {path}, expected one of {allowed}"
     expected = make_state(gen, mb)
-    target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in expected.items()}
+    target = {
+        k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in expected.items()
+    }
     zarrckpt.load(target, path)
     for k, v in expected.items():
         if isinstance(v, torch.Tensor):
@@ -248,7 +249,9 @@ FRESH_POINTS: list[str | float] = [0.05, 0.3, "publish", "complete"]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when", FRESH_POINTS, ids=[str(w) for w in FRESH_POINTS])
-def test_killed_fresh_save_leaves_nothing_or_new(zygote: Any, tmp_path: Any, when: str | float) -> None:
+def test_killed_fresh_save_leaves_nothing_or_new(
+    zygote: Any, tmp_path: Any, when: str | float
+) -> None:
     path = str(tmp_path / "ckpt")
     finished = run_child_and_kill(zygote, path, 5, when)
     if finished or when == "complete":

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _inspect_fixtures import PRODUCERS, SMALL_CHUNKS, Produced
+from _inspect_fixtures import PRODUCERS, SMALL_CHUNKS, Produced, get_produced
 
 import zarrckpt
 from zarrckpt import _scan
@@ -29,14 +29,6 @@ from zarrckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from zarrckpt.inspect import PickledInfo, TensorInfo, verify
 
 ROOT = Path(__file__).resolve().parent.parent
-_CACHE: dict[str, Produced] = {}
-
-
-def get_produced(label: str, factory: pytest.TempPathFactory) -> Produced:
-    """Run a producer once per test session (shared by test_inspect and test_cli)."""
-    if label not in _CACHE:
-        _CACHE[label] = PRODUCERS[label](str(factory.mktemp(f"produced-{label}")))
-    return _CACHE[label]
 
 
 @pytest.fixture(scope="module", params=sorted(PRODUCERS))
@@ -181,7 +173,7 @@ def test_to_dask_uses_stored_chunks(produced: Produced) -> None:
             assert arr.chunksize == tuple(min(c, s) for c, s in zip(grid, arr.shape,
                                                                       strict=True)), fqn
         np.testing.assert_array_equal(arr.compute(), ref.numpy(), err_msg=fqn)
-    assert set(ckpt.to_dask("model.*")) == {k for k in ckpt.keys() if k.startswith("model.")}
+    assert set(ckpt.to_dask("model.*")) == {k for k in ckpt if k.startswith("model.")}
 
 
 def test_chunk_source_pickles_small(produced: Produced) -> None:
@@ -207,7 +199,7 @@ def test_stats_equal_numpy(produced: Produced) -> None:
     for fqn, t in produced.after_tensors.items():
         assert_stats_match(stats[fqn], t, fqn)
     some = ckpt.stats("optim.state.*.exp_avg")
-    assert set(some) == {k for k in ckpt.keys() if re.fullmatch(r"optim\.state\..*\.exp_avg", k)}
+    assert set(some) == {k for k in ckpt if re.fullmatch(r"optim\.state\..*\.exp_avg", k)}
     assert some["optim.state.emb.weight.exp_avg"] == stats["optim.state.emb.weight.exp_avg"]
 
 
@@ -547,11 +539,27 @@ def _python_blocks(markdown: str) -> list[str]:
     return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", markdown, re.S)]
 
 
+_RUN_BLOCKS = r"""
+import json, sys, traceback
+blocks = json.loads(sys.stdin.read())
+for i, block in enumerate(blocks):
+    try:
+        exec(compile(block, f"docs/inspect.md block {i}", "exec"), {"__name__": "__main__"})
+    except BaseException:
+        print(f"BLOCK {i} FAILED", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(1)
+"""
+
+
 def test_docs_inspect_examples_run(tmp_path: Path) -> None:
+    """Every python block of docs/inspect.md runs as is, each in a fresh namespace
+    (one interpreter, so torch is imported once)."""
+    import json
+
     blocks = _python_blocks((ROOT / "docs" / "inspect.md").read_text())
-    assert len(blocks) >= 3
-    for i, block in enumerate(blocks):
-        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, f"docs/inspect.md block {i} failed:\n{block}\n{proc.stderr}"
+    assert len(blocks) >= 6
+    proc = subprocess.run([sys.executable, "-c", _RUN_BLOCKS], input=json.dumps(blocks),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
     assert (ROOT / "docs" / "img" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

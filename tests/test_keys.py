@@ -172,7 +172,9 @@ def test_long_key_readable_by_plain_zarr_and_tensorstore(hostile_ckpt: Any) -> N
         assert digest(tensorstore_read(ckpt, path)) == digest(expected), repr(key[:20])
     paths = [arrays[k]["path"] for k in (LONG, LONG_UNICODE, "😀", "a\x00b", "../../etc/passwd")]
     got = plain_zarr_digests(ckpt, paths)
-    for key, path in zip((LONG, LONG_UNICODE, "😀", "a\x00b", "../../etc/passwd"), paths):
+    for key, path in zip(
+        (LONG, LONG_UNICODE, "😀", "a\x00b", "../../etc/passwd"), paths, strict=True
+    ):
         assert got[path] == digest(_value(HOSTILE.index(key))), repr(key[:20])
 
 
@@ -209,7 +211,16 @@ def test_escaping_twins_are_distinct(ckpt_dir: Any) -> None:
         ({"x.0": 1, "x": [2]}, "x.0"),
         ({1: torch.zeros(1), "1": torch.zeros(1)}, "'1'"),
     ],
-    ids=["empty", "nested-empty", "surrogate", "tuple-key", "float-key", "dup", "dup-plain", "int-str"],
+    ids=[
+        "empty",
+        "nested-empty",
+        "surrogate",
+        "tuple-key",
+        "float-key",
+        "dup",
+        "dup-plain",
+        "int-str",
+    ],
 )
 def test_invalid_keys_refused(ckpt_dir: Any, state: dict[Any, Any], needle: str | None) -> None:
     path = ckpt_dir / "bad"
@@ -237,7 +248,12 @@ _ALPHABET = st.one_of(
 _KEYS = st.one_of(
     st.text(_ALPHABET, min_size=1, max_size=40),
     st.text(_ALPHABET, min_size=60, max_size=500),
-    st.builds(lambda a, n, b: a + "x" * n + b, st.text(_ALPHABET, max_size=5), st.integers(150, 500), st.text(_ALPHABET, max_size=200)),
+    st.builds(
+        lambda a, n, b: a + "x" * n + b,
+        st.text(_ALPHABET, max_size=5),
+        st.integers(150, 500),
+        st.text(_ALPHABET, max_size=200),
+    ),
 )
 
 

@@ -2,7 +2,8 @@
 
 The scenarios run on CPU with gloo in spawned process groups
 (:func:`zarrckpt.testing.run_distributed`); each world size is spawned once
-per module and runs all its scenarios (see ``_seed_cases.py``), then every
+per pytest session and runs all scenarios of this module and of
+test_distributed_reliability.py (lists in ``_seed_cases.py``), then every
 test below checks one scenario's results on every rank.
 
 Seed map:
@@ -10,7 +11,8 @@ Seed map:
   -> ``tp_checkpoint`` / ``tp_checkpoint_meta`` (2 and 4 ranks; on 4 ranks the
   1-feature ``net3`` gives empty shards and ``net1`` 3/3/3/1 rows);
 * 002 test_fsdp_to_tp -> ``fsdp_to_tp`` (FSDP1 ShardedTensor -> TP DTensor);
-* 003 test_distributed_checkpoint[LOCAL|SHARDED] -> ``fsdp1_*_state_dict``;
+* 003 test_distributed_checkpoint[LOCAL|SHARDED] -> ``fsdp1_*_state_dict`` (also
+  with padded flat parameters: ``*_padded``);
 * 004 test_fsdp_model_state_{no,with}_resharding -> ``fsdp_model_state_*``
   (meta-device FSDP1 models; resharding into even/odd subgroups on 4 ranks);
 * 000 save side: ``save({"model": model})`` of a Stateful module, one process
@@ -26,30 +28,6 @@ from __future__ import annotations
 import _seed_cases as cases
 import pytest
 
-SEEDS = {
-    2: [
-        "tp_checkpoint",
-        "tp_checkpoint_meta",
-        "fsdp_to_tp",
-        "fsdp1_local_state_dict",
-        "fsdp1_sharded_state_dict",
-        "fsdp_model_state_no_resharding",
-        "stateful_model_fsdp2",
-    ],
-    4: [
-        "tp_checkpoint",
-        "tp_checkpoint_meta",
-        "fsdp_to_tp",
-        "fsdp1_local_state_dict",
-        "fsdp1_sharded_state_dict",
-        "fsdp_model_state_no_resharding",
-        "fsdp_model_state_with_resharding",
-    ],
-}
-# the same scenarios through dcp.save / dcp.load with ZarrStorageWriter / ZarrStorageReader
-for _names in SEEDS.values():
-    _names += [f"{n}@dcp" for n in list(_names)]
-
 BACKENDS = ["zarrckpt", "dcp"]
 
 
@@ -59,9 +37,8 @@ def _name(scenario: str, backend: str) -> str:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory: pytest.TempPathFactory) -> cases.SpawnCache:
-    return cases.SpawnCache(
-        SEEDS, lambda ws: str(tmp_path_factory.mktemp(f"seeds-ws{ws}")), timeout=300
-    )
+    """Results of the session's spawns (cases.SEED_SCENARIOS run there)."""
+    return cases.shared_spawns(tmp_path_factory)
 
 
 def _run(spawned: cases.SpawnCache, world_size: int, name: str) -> list[dict]:
@@ -107,21 +84,31 @@ def test_fsdp_to_tp(spawned: cases.SpawnCache, world_size: int, backend: str) ->
 
 # --------------------------------------------------------------------------- 003
 
+#: "" is the seed's model (10x10 layers); "_padded" uses 7x7 layers, so FSDP1's
+#: flat parameters are padded and the shards uneven
+VARIANTS = ["", "_padded"]
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_fsdp1_local_state_dict(spawned: cases.SpawnCache, world_size: int, backend: str) -> None:
+@pytest.mark.parametrize("variant", VARIANTS, ids=["seed", "padded"])
+def test_fsdp1_local_state_dict(
+    spawned: cases.SpawnCache, world_size: int, backend: str, variant: str
+) -> None:
     """FSDP1 LOCAL_STATE_DICT (flat-parameter ShardedTensors) of a nested-wrapped model."""
-    results = _run(spawned, world_size, _name("fsdp1_local_state_dict", backend))
+    results = _run(spawned, world_size, _name(f"fsdp1_local_state_dict{variant}", backend))
     assert all(k.endswith("_flat_param") for k in results[0]["keys"])
     assert results[0]["leaf_types"] == ["ShardedTensor"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_fsdp1_sharded_state_dict(spawned: cases.SpawnCache, world_size: int, backend: str) -> None:
+@pytest.mark.parametrize("variant", VARIANTS, ids=["seed", "padded"])
+def test_fsdp1_sharded_state_dict(
+    spawned: cases.SpawnCache, world_size: int, backend: str, variant: str
+) -> None:
     """FSDP1 SHARDED_STATE_DICT (per-parameter ShardedTensors) of a nested-wrapped model."""
-    results = _run(spawned, world_size, _name("fsdp1_sharded_state_dict", backend))
+    results = _run(spawned, world_size, _name(f"fsdp1_sharded_state_dict{variant}", backend))
     assert results[0]["keys"] == [
         "linear.weight",
         "linear_skip.lin.weight",
@@ -153,6 +140,7 @@ def test_fsdp_model_state_with_resharding(spawned: cases.SpawnCache, backend: st
 # --------------------------------------------------------------------------- 000 save side
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stateful_model_single_process(tmp_path, backend: str) -> None:
     """``save({"model": model})`` then ``load({"model": model2})`` in one process."""

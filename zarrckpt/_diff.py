@@ -207,11 +207,23 @@ def _nanmax(a: float, b: float) -> float:
     return max(a, b)
 
 
+#: elements compared at a time (bounds the float64 temporaries per thread)
+BLOCK_ELEMENTS = 1 << 20
+
+
 def compare_blocks(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> _Part:
     """Differences between two blocks of the same shape."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    out = _Part()
+    for start in range(0, a.size, BLOCK_ELEMENTS):
+        stop = start + BLOCK_ELEMENTS
+        out = out.merge(_compare(a[start:stop], b[start:stop], rtol, atol))
+    return out
+
+
+def _compare(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> _Part:
     if a.size == 0:
         return _Part()
-    a, b = a.reshape(-1), b.reshape(-1)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if a.dtype == b.dtype and a.dtype.kind in "biu":
             equal = a == b

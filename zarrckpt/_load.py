@@ -32,6 +32,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _init_optimizer_state(optim: torch.optim.Optimizer, node: dict[str, Any] | None) -> None:
+    """Give a fresh optimizer its state entries so the stored ones can be loaded into them
+    (what DCP's ``get_state_dict`` does: one step with zero gradients and lr 0)."""
+    children = child_nodes(node) if node is not None else None
+    stored_state = child_nodes(children["state"]) if children and "state" in children else None
+    if not stored_state:
+        return
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    _init_optim_state(optim)
+
+
 class LoadPlan:
     """What a load will do: reads to run, then values to put back."""
 
@@ -82,8 +94,14 @@ class LoadPlan:
     # ------------------------------------------------------------------ tensors
     def tensor(self, fqn: str, target: Any, node: dict[str, Any] | None) -> Any:
         """Plan filling ``target``; return the value to keep in the state dict."""
-        if node is None or "tensor" not in node:
+        if node is None:
             self.missing.append(fqn)
+            return target
+        if "tensor" not in node:
+            self.mismatched.append(
+                f"{fqn!r}: the target holds a tensor but the checkpoint stores a "
+                f"{next(iter(node))} here"
+            )
             return target
         entry = self.files.arrays[node["tensor"]]
         view = describe_leaf(target, key=fqn, path=self.files.path)
@@ -130,6 +148,8 @@ class LoadPlan:
         if is_tensor_leaf(target):
             return self.tensor(fqn, target, node)
         if is_stateful(target):
+            if isinstance(target, torch.optim.Optimizer) and not target.state:
+                _init_optimizer_state(target, node)
             inner = target.state_dict()
             sub = node.get("stateful", node) if node is not None else None
             inner = self.walk(inner, sub, fqn)

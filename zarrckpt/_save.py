@@ -213,7 +213,7 @@ def save_collective(
     pickled_sizes = {fqn: len(data) for fqn, data in local.pickled.items()}
     pickled_sizes = comm.broadcast(pickled_sizes)
     entries, writers = comm.agree(
-        lambda: _build_plan(summaries, pickled_sizes, path, options), "planning the save"
+        lambda: _build_plan(summaries, pickled_sizes, path, options), f"planning the save {path!r}"
     )
     tree = comm.broadcast(local.tree)
 
@@ -223,12 +223,12 @@ def save_collective(
         check_writable(path, overwrite=options.overwrite)
         return new_staging_dir(path)
 
-    staging = comm.broadcast(comm.agree(create_staging, "preparing the checkpoint directory"))
+    staging = comm.broadcast(comm.agree(create_staging, f"preparing the checkpoint directory {path!r}"))
     assert isinstance(staging, str)
     try:
         comm.agree(
             lambda: _write_share(staging, entries, writers, local, comm, options),
-            "writing the checkpoint",
+            f"writing the checkpoint {path!r}",
         )
 
         def commit() -> None:
@@ -248,7 +248,7 @@ def save_collective(
             write_commit_marker(staging, root_bytes, checkpoint_id, fsync=options.fsync)
             publish(staging, path, overwrite=options.overwrite, fsync=options.fsync)
 
-        comm.agree(commit, "committing the checkpoint")
+        comm.agree(commit, f"committing the checkpoint {path!r}")
     except BaseException:
         if comm.is_coordinator:
             remove_tree(staging)

@@ -18,6 +18,7 @@ exact min/max; complex tensors report the statistics of their magnitudes
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -127,7 +128,7 @@ def _extreme(a: Any, b: Any, pick: Any) -> Any:
 
 
 def _as_numeric(x: np.ndarray) -> np.ndarray:
-    """View/upcast to a dtype numpy reduces natively (bf16/fp8 -> float32, bool -> uint8)."""
+    """View/upcast to a dtype numpy reduces natively (bf16/fp8/f16 -> float32, bool -> uint8)."""
     if x.dtype.kind == "V" or x.dtype == np.float16:  # ml_dtypes: bfloat16, float8_*
         return x.astype(np.float32)
     if x.dtype == np.bool_:
@@ -135,12 +136,32 @@ def _as_numeric(x: np.ndarray) -> np.ndarray:
     return x
 
 
+#: elements reduced at a time (bounds the float64 work array to 8 MiB per thread)
+BLOCK_ELEMENTS = 1 << 20
+_local = threading.local()
+
+
+def _work_buffer(n: int) -> np.ndarray:
+    """A per-thread float64 scratch array of at least ``n`` elements, reused across
+    calls so that its pages are faulted in once per thread, not once per block."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _local.buf = np.empty(max(n, BLOCK_ELEMENTS), dtype=np.float64)
+    return buf[:n]
+
+
 def moments_of(x: np.ndarray) -> Moments:
     """Partial statistics of one block of values (any supported dtype)."""
-    n = int(x.size)
-    if n == 0:
-        return Moments()
-    flat = _as_numeric(x).reshape(-1)
+    flat = x.reshape(-1)
+    out = Moments()
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        out = out.merge(_moments_block(flat[start : start + BLOCK_ELEMENTS], x.dtype))
+    return out
+
+
+def _moments_block(raw: np.ndarray, stored: np.dtype[Any]) -> Moments:
+    n = int(raw.size)
+    flat = _as_numeric(raw)
     nan = inf = 0
     if flat.dtype.kind == "c":
         zeros = n - int(np.count_nonzero(flat))
@@ -154,15 +175,14 @@ def moments_of(x: np.ndarray) -> Moments:
     vmin, vmax = flat.min().item(), flat.max().item()
     total = float(np.sum(flat, dtype=np.float64))
     mean = total / n
-    work = np.empty(n, dtype=np.float64)
+    work = _work_buffer(n)
     with np.errstate(invalid="ignore", over="ignore"):
         np.subtract(flat, mean, out=work, dtype=np.float64)
-        np.square(work, out=work)
-        m2 = float(work.sum())
+        m2 = _sum_squares(work)
         if math.isfinite(total):
             sumsq = m2 + n * mean * mean
         else:
-            if is_float and x.dtype.kind != "c":
+            if is_float and stored.kind != "c":
                 nan = int(np.count_nonzero(np.isnan(flat)))
                 inf = int(np.count_nonzero(np.isinf(flat)))
             np.multiply(flat, flat, out=work, dtype=np.float64)
@@ -172,6 +192,12 @@ def moments_of(x: np.ndarray) -> Moments:
     else:
         vmin, vmax = int(vmin), int(vmax)
     return Moments(n, mean, total, m2, sumsq, vmin, vmax, nan, inf, zeros)
+
+
+def _sum_squares(work: np.ndarray) -> float:
+    """Sum of squares of ``work`` (overwritten), single-threaded and pairwise-summed."""
+    np.square(work, out=work)
+    return float(work.sum())
 
 
 def finalize(entry: ArrayEntry, m: Moments) -> TensorStats:
@@ -236,13 +262,15 @@ def _hist_task(
     out: dict[str, np.ndarray] = {}
     for slab in slabs:
         lo, hi = ranges[slab.entry.fqn]
-        values = _as_numeric(read_region(root, slab.entry, slab.region)).reshape(-1)
-        if values.dtype.kind == "c":
-            values = np.abs(values)
-        values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
-        counts, _ = np.histogram(values, bins=bins, range=(lo, hi))
-        fqn = slab.entry.fqn
-        out[fqn] = out[fqn] + counts if fqn in out else counts
+        block = read_region(root, slab.entry, slab.region).reshape(-1)
+        for start in range(0, block.size, BLOCK_ELEMENTS):
+            values = _as_numeric(block[start : start + BLOCK_ELEMENTS])
+            if values.dtype.kind == "c":
+                values = np.abs(values)
+            values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+            counts, _ = np.histogram(values, bins=bins, range=(lo, hi))
+            fqn = slab.entry.fqn
+            out[fqn] = out[fqn] + counts if fqn in out else counts
     return out
 
 

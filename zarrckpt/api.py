@@ -8,6 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ._collective import Comm
+from ._file_source import open_file_source
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ._load import LoadPlan
 from ._reader import CheckpointFiles
@@ -104,7 +105,7 @@ def save(
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     local = comm.agree(
-        lambda: prepare_local(state_dict, path, options), "preparing the save"
+        lambda: prepare_local(state_dict, path, options), f"preparing the save {path!r}"
     )
     save_collective(local, path, options, comm, extra={})
 
@@ -181,7 +182,7 @@ def async_save(
     background = _background_comm(comm)
     lease = comm.agree(
         lambda: _STAGER.stage(lambda copy: prepare_local(state_dict, path, options, stage=copy)),
-        "staging the async save",
+        f"staging the async save {path!r}",
     )
 
     def run() -> None:
@@ -259,7 +260,12 @@ def load(
     comm = Comm.from_group(process_group)
 
     def plan() -> tuple[CheckpointFiles, LoadPlan, Any]:
-        files = CheckpointFiles(path)
+        # a single file (torch.save / safetensors) is read through a memory map
+        files = (
+            open_file_source(path, allow_pickle=allow_pickle)
+            if os.path.isfile(path)
+            else CheckpointFiles(path)
+        )
         if files.pickled and not allow_pickle:
             raise UnsafeCheckpointError(
                 f"checkpoint {path!r} holds pickled Python objects (keys "
@@ -283,10 +289,10 @@ def load(
             )
         return files, load_plan, result
 
-    files, load_plan, result = comm.agree(plan, "planning the load")
+    files, load_plan, result = comm.agree(plan, f"planning the load {path!r}")
     comm.agree(
         lambda: files.read_many(load_plan.requests, threads=threads or default_threads()),
-        "reading the checkpoint",
+        f"reading the checkpoint {path!r}",
     )
     load_plan.apply()
     if stats is not None:

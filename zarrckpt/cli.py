@@ -49,7 +49,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-__all__ = ["Arg", "Command", "Output", "command", "main", "build_parser", "PLUGIN_MODULES"]
+__all__ = [
+    "Arg",
+    "Command",
+    "Output",
+    "UsageError",
+    "build_parser",
+    "command",
+    "fmt_bytes",
+    "fmt_number",
+    "fmt_shape",
+    "main",
+    "PLUGIN_MODULES",
+]
 
 #: modules imported when the parser is built; each may register commands with @command
 PLUGIN_MODULES: tuple[str, ...] = ("zarrckpt.convert",)
@@ -58,6 +70,8 @@ EXIT_OK = 0
 EXIT_DIFFERENT = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+#: seconds to wait for a ``--scheduler`` to answer
+SCHEDULER_TIMEOUT = 10.0
 
 
 class Arg:
@@ -434,10 +448,7 @@ def _tree_lines(node: Any, depth: int = 0) -> Iterator[tuple[int, str, Any]]:
     from .inspect import PickledInfo, TensorInfo
 
     items: Any
-    if isinstance(node, dict):
-        items = node.items()
-    else:
-        items = enumerate(node)
+    items = node.items() if isinstance(node, dict) else enumerate(node)
     for key, value in items:
         if isinstance(value, (TensorInfo, PickledInfo)) or not isinstance(
             value, (dict, list, tuple)
@@ -655,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     _load_plugins()
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="write JSON for scripts")
     common.add_argument("--plain", action="store_true",
                         help="plain text even on a terminal (no colours, no progress bars)")
@@ -688,7 +699,7 @@ def _scheduler(address: str | None) -> Iterator[None]:
     except ImportError:
         raise UsageError("--scheduler needs the 'distributed' package") from None
     try:
-        client = Client(address, timeout=10)
+        client = Client(address, timeout=SCHEDULER_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as e:
         raise UsageError(f"cannot connect to dask scheduler {address!r}: {e}") from None
     with client:

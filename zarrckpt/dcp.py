@@ -439,7 +439,9 @@ class ZarrStorageWriter(StorageWriter):
         results = [
             WriteResult(
                 index=items[key].index,
-                size_in_bytes=len(chunks) * entries[key[0]].layout.chunk_nbytes,
+                # an empty shard (e.g. uneven TP) writes nothing and may concern an
+                # array this rank has no record of
+                size_in_bytes=len(chunks) * entries[key[0]].layout.chunk_nbytes if chunks else 0,
                 storage_data={"kind": "tensor", "chunks": chunks},
             )
             for key, chunks in written.items()

@@ -69,6 +69,8 @@ def train_and_save(rank: int, world_size: int, path: str) -> dict[str, Any]:
         optim.step()
         optim.zero_grad()
         position.batch += 1
+    model_sd: Any
+    optim_sd: Any
     model_sd, optim_sd = get_state_dict(model, optim)
     state = {"model": model_sd, "optim": optim_sd, "step": STEPS, "data": position}
     start = time.perf_counter()
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n2. open it offline (no torch.distributed): zarr arrays and dask")
     ckpt = zarrckpt.open(path)
-    total = sum(ckpt[k].nbytes for k in ckpt.keys())
+    total = sum(ckpt[k].nbytes for k in ckpt)
     print(f"   {len(ckpt)} tensors, {total / 1024:.1f} KiB, written by "
           f"{ckpt.metadata['world_size']} ranks")
     arr = ckpt["model.0.weight"]
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model()
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
     position = DataPosition()
+    model_sd: Any
+    optim_sd: Any
     model_sd, optim_sd = get_state_dict(model, optim)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "step": 0, "data": position}
     zarrckpt.load(state, path)

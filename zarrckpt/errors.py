@@ -8,6 +8,8 @@ Messages name the key (FQN), the checkpoint path and what was expected.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ZarrCkptError",
     "CheckpointNotFoundError",
@@ -68,6 +70,9 @@ class MissingKeysError(StateDictMismatchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message otherwise
         return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes despite __init__
+        return (type(self), (self.args[0], self.missing))
 
 
 class ShapeMismatchError(StateDictMismatchError):

@@ -1,0 +1,88 @@
+"""Single files as sources of :func:`zarrckpt.load`: ``torch.save`` and safetensors.
+
+``zarrckpt.load(state_dict, "model.pt")`` plans and applies the load exactly
+as for a checkpoint directory (:class:`~zarrckpt._load.LoadPlan`); only the
+object that serves the reads differs. Each rank memory-maps the file and
+copies the slices its target tensors hold, so a sharded model (FSDP2 /
+DTensor, FSDP1 ``ShardedTensor``, TP) is loaded without any rank reading or
+broadcasting whole tensors it does not hold.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._dtypes import numpy_as_tensor
+from ._flatten import FlatState
+from ._safetensors_io import SafetensorsReader, read_layout
+from ._torchsave_source import FileSource, TorchSaveFile
+from .errors import CorruptCheckpointError
+
+__all__ = ["SafetensorsFile", "TorchSaveFile", "open_file_source"]
+
+
+class SafetensorsFile(FileSource):
+    """A safetensors file as a source for :func:`zarrckpt.load` (memory-mapped).
+
+    Tensors are offered under their names, or with the nesting and plain
+    values recorded by :func:`zarrckpt.convert.to_safetensors`.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._reader = SafetensorsReader(path)
+        tree, _record, complex_names = read_layout(self._reader)
+        tensors: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only map: never written
+            for name, e in self._reader.entries.items():
+                array = self._reader.array(e)
+                dtype = e.dtype
+                if name in complex_names:
+                    array = array.view(np.complex128).reshape(e.shape[:-1])
+                    dtype = torch.complex128
+                tensors[name] = numpy_as_tensor(array, dtype)
+        super().__init__(path, FlatState(tree, tensors, {}), unsafe=False)
+
+
+def _is_safetensors(path: str) -> bool:
+    if path.lower().endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def open_file_source(path: str, *, allow_pickle: bool) -> Any:
+    """The load source for a single file: a ``torch.save`` file or a safetensors file.
+
+    Raises
+    ------
+    zarrckpt.errors.CorruptCheckpointError
+        The file is neither.
+    """
+    if zipfile.is_zipfile(path):
+        return TorchSaveFile(path, allow_pickle=allow_pickle)
+    if _is_safetensors(path):
+        return SafetensorsFile(path)
+    try:
+        return TorchSaveFile(path, allow_pickle=allow_pickle)  # legacy torch.save format
+    except CorruptCheckpointError:
+        raise CorruptCheckpointError(
+            f"{path!r} is a file but neither a torch.save file nor a safetensors file; "
+            "zarrckpt.load reads those and zarrckpt checkpoint directories"
+        ) from None
+
+
+def is_file_source(path: str) -> bool:
+    """True when ``path`` names a regular file (not a checkpoint directory)."""
+    return os.path.isfile(path)
+
