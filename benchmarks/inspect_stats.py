@@ -59,14 +59,26 @@ print(sum(t.numel() * t.element_size() for t in sd.values()), len(sd))
 """
 
 _ZARRCKPT = r"""
-import json, resource, sys, time
+import json, resource, sys, threading, time
 import zarrckpt
+from zarrckpt import _stats
+spans = []
+task = _stats._stats_task
+def timed_task(*args):  # records when each dask task runs, and on which thread
+    t = time.perf_counter()
+    try:
+        return task(*args)
+    finally:
+        spans.append((t, time.perf_counter(), threading.get_ident()))
+_stats._stats_task = timed_task
 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 stats = zarrckpt.open(sys.argv[1]).stats()
 t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
 out = {k: [s.min, s.max, s.mean, s.std, s.norm, s.nan, s.inf, s.zeros] for k, s in stats.items()}
 print(json.dumps({"wall": t1 - t0, "cpu": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-                  "maxrss_kib": r1.ru_maxrss, "stats": out}))
+                  "maxrss_kib": r1.ru_maxrss, "tasks": len(spans),
+                  "threads": len({s[2] for s in spans}),
+                  "concurrency": sum(b - a for a, b, _ in spans) / (t1 - t0), "stats": out}))
 """
 
 _NUMPY = r"""
@@ -132,14 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {nbytes / 2**30:.2f} GiB in {ntensors} tensors "
               f"(zarrckpt + torch.save) in {time.perf_counter() - t0:.0f} s", flush=True)
 
+        load_before = os.getloadavg()[0]
         ours = _run(_ZARRCKPT, ckpt)
         base = _run(_NUMPY, pt, single_thread=True)
+        print(f"machine: {os.cpu_count()} cores, 1-min load average {load_before:.1f} before "
+              f"and {os.getloadavg()[0]:.1f} after the measurements (other jobs compete)")
         rows = [("zarrckpt stats (dask)", ours), ("numpy loop over torch.load", base)]
         print(f"\n{'':28} {'wall s':>8} {'cpu s':>8} {'cpu/wall':>9} {'peak RSS MiB':>13}"
               f" {'GiB/s':>7}")
         for name, r in rows:
             print(f"{name:28} {r['wall']:8.2f} {r['cpu']:8.2f} {r['cpu'] / r['wall']:9.2f} "
                   f"{r['maxrss_kib'] / 1024:13.0f} {nbytes / 2**30 / r['wall']:7.2f}")
+        print(f"\nzarrckpt: {ours['tasks']} dask tasks on {ours['threads']} threads, "
+              f"{ours['concurrency']:.2f} running on average (task time / wall time)")
         worst = _max_rel_diff(ours["stats"], base["stats"])
         print(f"\nspeed-up {base['wall'] / ours['wall']:.2f}x; peak RSS "
               f"{ours['maxrss_kib'] / 1024:.0f} MiB vs {base['maxrss_kib'] / 1024:.0f} MiB; "

@@ -27,7 +27,7 @@ from zarrckpt import cli
 
 SCRIPT = shutil.which("zarrckpt", path=os.path.dirname(sys.executable)) or "zarrckpt"
 MODULE = [sys.executable, "-m", "zarrckpt"]
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "COLUMNS": "200"}
 
 
 def run(*args: str, entry: Sequence[str] = MODULE, timeout: float = 300
@@ -373,3 +373,33 @@ def test_plain_table_alignment() -> None:
     out = cli.Output(stdout=buf)
     out.table(["name", "n"], [["a", "1"], ["longer", "100"]], right=["n"])
     assert buf.getvalue().splitlines() == ["name      n", "a         1", "longer  100"]
+
+
+def test_every_command_on_a_terminal_in_process(single: Produced, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rich code paths (tables, tree, progress bars) of every command."""
+    monkeypatch.setattr(cli, "_isatty", lambda stream: True)
+    monkeypatch.setenv("COLUMNS", "100")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(single.before, damaged)
+    (damaged / "zarrckpt.commit").unlink()
+    expectations = [
+        (["ls", single.after], 0, ["model.emb.weight", "KiB", "tensors,"]),
+        (["info", single.after], 0, ["world_size", "float32"]),
+        (["tree", single.after], 0, ["emb.weight", "float32[96,64]", "step"]),
+        (["stats", single.after, "model.*"], 0, ["model.emb.weight", "norm"]),
+        (["diff", single.before, single.after], 1, ["changed", "model.emb.weight",
+                                                    "difference(s)"]),
+        (["diff", single.after, single.after], 0, ["identical"]),
+        (["verify", single.after], 0, ["OK"]),
+        (["verify", str(damaged)], 1, ["missing_commit_marker", "FAILED"]),
+        (["plot", single.after, "-o", str(tmp_path / "p.png"), "--max-hist", "2"], 0,
+         ["wrote"]),
+    ]
+    for argv, code, needles in expectations:
+        assert cli.main(argv) == code, argv
+        out = capsys.readouterr().out
+        for needle in needles:
+            assert needle in out, (argv, needle, out)
+    assert (tmp_path / "p.png").stat().st_size > 10_000

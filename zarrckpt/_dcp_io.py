@@ -181,7 +181,7 @@ class DcpSource:
             k for k in sdm if k not in self.mappings
         ]
         self.tensors: dict[str, Any] = {
-            k: md for k, md in sdm.items() if isinstance(md, TensorStorageMetadata)
+            k: sdm[k] for k in self.keys if isinstance(sdm[k], TensorStorageMetadata)
         }
         storage = self.metadata.storage_data
         if not isinstance(storage, dict):
@@ -500,16 +500,16 @@ def save_streaming(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(state, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
-        with open(os.path.join(staging, METADATA_FILE), "rb") as f:
-            metadata_crc = crc32c(f.read())
-        with open(os.path.join(staging, SIDECAR), "w", encoding="utf-8") as f:
-            sidecar = {"metadata_crc32c": metadata_crc, "tree": files.tree}
-            if record:
-                sidecar["convert"] = record
-            json.dump(sidecar, f, ensure_ascii=False)
+        with open(os.path.join(staging, METADATA_FILE), "rb") as raw:
+            metadata_crc = crc32c(raw.read())
+        sidecar: dict[str, Any] = {"metadata_crc32c": metadata_crc, "tree": files.tree}
+        if record:
+            sidecar["convert"] = record
+        with open(os.path.join(staging, SIDECAR), "w", encoding="utf-8") as out:
+            json.dump(sidecar, out, ensure_ascii=False)
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+                out.flush()
+                os.fsync(out.fileno())
         publish(staging, dst, overwrite=overwrite, fsync=fsync)
     except BaseException:
         remove_tree(staging)

@@ -48,7 +48,12 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _ESCAPE_RE = re.compile(r"%([0-9A-F]{2})")
 
 
+_PLAIN_RE = re.compile(rb"[A-Za-z0-9_.\-]*")
+
+
 def _percent_encode(data: bytes) -> str:
+    if _PLAIN_RE.fullmatch(data):  # nothing to escape (the usual FQN): skip the byte loop
+        return data.decode("ascii")
     return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in data)
 
 

@@ -267,7 +267,8 @@ def write_safetensors(
 
 def carried_record(record: dict[str, Any]) -> dict[str, Any]:
     """The parts of a manifest's conversion record another format must carry along."""
-    return {k: v for k, v in record.items() if k in ("tied", "ordered_dicts", "attributes")}
+    keys = ("tied", "ordered_dicts", "attributes", "safetensors_metadata")
+    return {k: v for k, v in record.items() if k in keys}
 
 
 def read_layout(

@@ -139,6 +139,24 @@ def prepare_local(
     return LocalState(flat.tree, views, sources, pickled)
 
 
+def sharding_summary(local: LocalState) -> dict[str, Any]:
+    """Manifest fields describing the parallelism at save time (informational):
+    ``mesh`` (the first device mesh seen: shape and dimension names) and
+    ``sharding`` ({fqn: placements / shard count} for sharded tensors)."""
+    mesh = None
+    sharding = {}
+    for fqn, view in local.views.items():
+        if not view.sharding:
+            continue
+        sharding[fqn] = view.sharding
+        if mesh is None and "mesh_shape" in view.sharding:
+            mesh = {
+                "shape": view.sharding["mesh_shape"],
+                "dim_names": view.sharding["mesh_dim_names"],
+            }
+    return {"mesh": mesh, "sharding": sharding}
+
+
 def _check_same_keys(summaries: list[dict[str, Any]], path: str) -> None:
     keys0 = set(summaries[0])
     for rank, summary in enumerate(summaries[1:], start=1):
@@ -213,7 +231,7 @@ def save_collective(
     pickled_sizes = {fqn: len(data) for fqn, data in local.pickled.items()}
     pickled_sizes = comm.broadcast(pickled_sizes)
     entries, writers = comm.agree(
-        lambda: _build_plan(summaries, pickled_sizes, path, options), f"planning the save {path!r}"
+        lambda: _build_plan(summaries, pickled_sizes, path, options), f"planning the save of {path!r}"
     )
     tree = comm.broadcast(local.tree)
 
@@ -240,7 +258,7 @@ def save_collective(
                 entries=entries,
                 checkpoint_id=checkpoint_id,
                 world_size=comm.world_size,
-                extra=extra,
+                extra={**sharding_summary(local), **extra},
             )
             root_bytes = write_json(
                 os.path.join(staging, ROOT_METADATA), root, fsync=options.fsync
@@ -285,6 +303,6 @@ def _write_share(
                 )
             origin = tuple(a for a, _ in view.blocks[k].region)
             chunks.append(ChunkWrite(entry, index, local.sources[entry.fqn][k], origin))
-    write_arrays(staging, mine, chunks, threads=options.threads)
+    write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
     if options.fsync:
         sync_tree(staging)

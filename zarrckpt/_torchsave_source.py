@@ -351,7 +351,7 @@ def verify_records(
         crc = 0
         for start in range(0, record.size, slab):
             part = data[start : start + slab]
-            crc = zlib.crc32(part, crc)
+            crc = zlib.crc32(part.data, crc)
             mappings.release(address + start, part.nbytes)
         if crc != record.crc:
             raise CorruptCheckpointError(

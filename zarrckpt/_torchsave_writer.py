@@ -196,14 +196,17 @@ class TorchSaveWriter:
         data = buffer.getvalue()
         writer = torch._C.PyTorchFileWriter(self.tmp_path, True, _ALIGNMENT)
         writer.write_record("data.pkl", data, len(data))
-        writer.write_record(".format_version", "1", 1)
-        writer.write_record(".storage_alignment", str(_ALIGNMENT), len(str(_ALIGNMENT)))
-        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        alignment = str(_ALIGNMENT).encode()
+        byteorder = sys.byteorder.encode()
+        writer.write_record(".format_version", b"1", 1)
+        writer.write_record(".storage_alignment", alignment, len(alignment))
+        writer.write_record("byteorder", byteorder, len(byteorder))
         stubs: list[StorageStub] = []
         for key, storage in pickler.storages.items():
             name = f"data/{key}"
             if isinstance(storage, StorageStub):
-                writer.write_record_metadata(name, storage.nbytes)
+                # reserves the record (size and alignment) without writing its bytes
+                writer.write_record_metadata(name, storage.nbytes)  # type: ignore[attr-defined]
                 self._records[name] = storage
                 stubs.append(storage)
             else:
@@ -239,7 +242,7 @@ class TorchSaveWriter:
                         f"internal error: more bytes than record {name!r} holds"
                     )
                 pwrite_all(fd, data, offset + written)
-                crc = zlib.crc32(data, crc)
+                crc = zlib.crc32(data.data, crc)
                 written += data.nbytes
             if written != stub.nbytes:
                 raise UnsupportedValueError(

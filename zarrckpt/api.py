@@ -105,7 +105,7 @@ def save(
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     local = comm.agree(
-        lambda: prepare_local(state_dict, path, options), f"preparing the save {path!r}"
+        lambda: prepare_local(state_dict, path, options), f"preparing the save of {path!r}"
     )
     save_collective(local, path, options, comm, extra={})
 
@@ -182,7 +182,7 @@ def async_save(
     background = _background_comm(comm)
     lease = comm.agree(
         lambda: _STAGER.stage(lambda copy: prepare_local(state_dict, path, options, stage=copy)),
-        f"staging the async save {path!r}",
+        f"staging the async save of {path!r}",
     )
 
     def run() -> None:
@@ -289,7 +289,7 @@ def load(
             )
         return files, load_plan, result
 
-    files, load_plan, result = comm.agree(plan, f"planning the load {path!r}")
+    files, load_plan, result = comm.agree(plan, f"planning the load of {path!r}")
     comm.agree(
         lambda: files.read_many(load_plan.requests, threads=threads or default_threads()),
         f"reading the checkpoint {path!r}",

@@ -19,10 +19,10 @@ one).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -287,7 +287,7 @@ def from_torch_save(
             t = host_tensor(tensor)
             entry = builder.add_tensor(fqn, t.dtype, tuple(t.shape))
             release = None
-            if mappings is not None and t is tensor:
+            if mappings is not None and t.data_ptr() == tensor.data_ptr():  # no copy made
 
                 def release(
                     index: tuple[int, ...], t: torch.Tensor = t, entry: ArrayEntry = entry
@@ -349,7 +349,17 @@ def to_torch_save(
     files = CheckpointFiles(src_path)
     record = _conversion_record(files)
     _check_output_file(dst, overwrite, "torch.save file")
-    ties = record.get("tied") if isinstance(record.get("tied"), dict) else {}
+    kept = record.get("safetensors_metadata")
+    if isinstance(kept, dict) and set(kept) - {"format"}:  # "format": "pt" is boilerplate
+        warnings.warn(
+            f"checkpoint {src_path!r} keeps the safetensors metadata "
+            f"{sorted(record['safetensors_metadata'])} of the file it came from; a torch.save "
+            f"file has no place for it, so {dst!r} does not hold it",
+            UserWarning,
+            stacklevel=2,
+        )
+    tied = record.get("tied")
+    ties: dict[str, Any] = tied if isinstance(tied, dict) else {}
     stubs: dict[str, TensorStub] = {}
     first_fqn: dict[int, str] = {}
 
@@ -578,6 +588,7 @@ def to_safetensors(
     if complex_names:
         header_md[COMPLEX128_KEY] = json.dumps(complex_names)
     carried = carried_record(record)
+    carried.pop("safetensors_metadata", None)  # written as the file's own metadata
     if carried:
         header_md[RECORD_KEY] = json.dumps(carried, ensure_ascii=False, separators=(",", ":"))
     if not _is_flat(files.tree):
@@ -941,8 +952,16 @@ def convert(
         raise ValueError(
             f"{s!r} and {d!r} are both {sf}; nothing to convert (pass dst_format / --to)"
         )
-    from_funcs = {"torch": from_torch_save, "dcp": from_dcp, "safetensors": from_safetensors}
-    to_funcs = {"torch": to_torch_save, "dcp": to_dcp, "safetensors": to_safetensors}
+    from_funcs: dict[str, Callable[..., ConvertResult]] = {
+        "torch": from_torch_save,
+        "dcp": from_dcp,
+        "safetensors": from_safetensors,
+    }
+    to_funcs: dict[str, Callable[..., ConvertResult]] = {
+        "torch": to_torch_save,
+        "dcp": to_dcp,
+        "safetensors": to_safetensors,
+    }
     steps: list[Callable[..., ConvertResult]] = []
     if sf != "zarrckpt":
         steps.append(from_funcs[sf])
@@ -981,131 +1000,7 @@ def convert(
         remove_tree(tmp_parent)
 
 
-# ------------------------------------------------------------------ command line
-
-
-def _register_command() -> None:
-    from .cli import Arg, command
-
-    @command(
-        "convert",
-        "convert between torch.save, DCP, safetensors and zarrckpt (streaming, any pair)",
-        Arg("src", metavar="SRC", help="source: a .pt/.pth/.bin file, a .safetensors file, "
-            "a DCP directory or a zarrckpt checkpoint"),
-        Arg("dst", metavar="DST", help="destination (format from its name; a directory is "
-            "zarrckpt, or DCP when SRC is zarrckpt)"),
-        Arg("--from", dest="src_format", choices=FORMATS, default=None,
-            help="source format (default: detected)"),
-        Arg("--to", dest="dst_format", choices=FORMATS, default=None,
-            help="destination format (default: from DST)"),
-        Arg("--overwrite", action="store_true", help="replace DST if it exists (atomically)"),
-        Arg("--allow-pickle", action="store_true",
-            help="allow pickled objects (only for files you trust)"),
-        Arg("--no-fsync", action="store_true", help="do not fsync the result"),
-        Arg("--chunk-bytes", type=int, default=None, metavar="N",
-            help=f"target chunk size when writing zarrckpt (default {DEFAULT_CHUNK_BYTES})"),
-        Arg("--threads", type=int, default=None, metavar="N", help="I/O threads"),
-    )
-    def _convert_command(args: argparse.Namespace, out: Any) -> int:
-        from .cli import UsageError, fmt_bytes
-
-        if args.threads is not None and args.threads < 1:
-            raise UsageError("--threads must be >= 1")
-        if args.chunk_bytes is not None and args.chunk_bytes < 1:
-            raise UsageError("--chunk-bytes must be >= 1")
-        try:
-            sf = args.src_format or detect_format(args.src)
-            df = args.dst_format or detect_format(args.dst, role="destination", src_format=sf)
-        except CheckpointNotFoundError as e:
-            raise UsageError(str(e)) from None
-        if sf == df:
-            raise UsageError(
-                f"source and destination are both {sf}; pass --to with another format"
-            )
-        options: dict[str, Any] = {"overwrite": args.overwrite, "fsync": not args.no_fsync}
-        if args.threads is not None:
-            options["threads"] = args.threads
-        if args.allow_pickle:
-            if "safetensors" in (sf, df) and "zarrckpt" in (sf, df):
-                raise UsageError("--allow-pickle does not apply to safetensors <-> zarrckpt")
-            options["allow_pickle"] = True
-        if args.chunk_bytes is not None:
-            if sf == "zarrckpt":
-                raise UsageError("--chunk-bytes applies when writing zarrckpt (or via it)")
-            options["chunk_bytes"] = args.chunk_bytes
-        with _progress_bar(out, f"{sf} -> {df}") as progress:
-            result = convert(
-                args.src, args.dst, src_format=sf, dst_format=df, progress=progress, **options
-            )
-        out.done(
-            f"converted {args.src} ({sf}) -> {args.dst} ({df}): {result.tensors} tensors, "
-            f"{fmt_bytes(result.nbytes)}",
-            {
-                "src": result.src,
-                "dst": result.dst,
-                "src_format": result.src_format,
-                "dst_format": result.dst_format,
-                "tensors": result.tensors,
-                "bytes": result.nbytes,
-            },
-        )
-        return 0
-
-
-class _ProgressContext:
-    """A rich progress bar (bytes, tensors, speed, ETA) on a terminal's stderr."""
-
-    def __init__(self, out: Any, description: str) -> None:
-        self.out = out
-        self.description = description
-        self.bar: Any = None
-
-    def __enter__(self) -> ProgressFn | None:
-        from .cli import _isatty
-
-        if getattr(self.out, "json", False) or not _isatty(self.out.stderr):
-            return None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TextColumn("{task.fields[tensors]} tensors"),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(file=self.out.stderr),
-            transient=True,
-        )
-        task = self.bar.add_task(self.description, total=None, tensors="0/?")
-        bar = self.bar
-
-        def update(done: int, total: int, tensors_done: int, tensors_total: int) -> None:
-            bar.update(
-                task,
-                completed=done,
-                total=total,
-                tensors=f"{tensors_done}/{tensors_total}",
-            )
-
-        self.bar.start()
-        return update
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _progress_bar(out: Any, description: str) -> _ProgressContext:
-    return _ProgressContext(out, description)
-
+# the ``zarrckpt convert`` command (registered with zarrckpt.cli when this module loads)
+from ._convert_cli import register_command as _register_command  # noqa: E402
 
 _register_command()

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     root = args[0] if args else tempfile.mkdtemp(prefix="zarrckpt-demo-")
+    os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "checkpoint")
     print(f"zarrckpt {zarrckpt.__version__} demo, checkpoint at {path}\n")
 
