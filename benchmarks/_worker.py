@@ -8,8 +8,9 @@ machine falls on all systems alike. Results go to ``spec["output"]`` as JSON.
 Operations
 ----------
 save_fsync, save_nofsync
-    Save to a fresh path (the previous output is deleted and ``os.sync()``
-    run before the clock starts, so no system inherits another's dirty pages).
+    Save to a fresh path (``os.sync()`` runs before the clock starts, so no
+    system inherits another's dirty pages; outputs of many files are deleted
+    only at the end, see :class:`_Trash`).
 load_warm
     Load a checkpoint written (with fsync) before the load rounds; its files
     are read once beforehand so they sit in the page cache.
@@ -76,6 +77,38 @@ class _Series:
         }
 
 
+class _Trash:
+    """Deletes save outputs, deferring those made of many files to the end.
+
+    Deleting thousands of inodes slows the next thousands of file creations on
+    ext4 (the inode allocator skips recently deleted inodes, ``recently_deleted``
+    in ``find_inode_bit``, for about 30 s), which would charge one system's
+    clean-up to the next system's save. Outputs of more than ``max_files``
+    files are therefore kept until the workload ends (up to ``budget`` bytes).
+    """
+
+    def __init__(self, max_files: int = 64, budget: int = 24 << 30) -> None:
+        self.max_files = max_files
+        self.budget = budget
+        self.kept: list[str] = []
+        self.kept_bytes = 0
+
+    def discard(self, path: str) -> None:
+        files = _measure.files_under(path) if os.path.exists(path) else []
+        size = sum(os.path.getsize(f) for f in files)
+        if len(files) > self.max_files and self.kept_bytes + size <= self.budget:
+            self.kept.append(path)
+            self.kept_bytes += size
+        else:
+            _measure.remove(path)
+
+    def empty(self) -> None:
+        for path in self.kept:
+            _measure.remove(path)
+        self.kept.clear()
+        self.kept_bytes = 0
+
+
 def _rotate(items: list[System], k: int) -> list[System]:
     if not items:
         return items
@@ -136,6 +169,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         f"(built in {build_s:.1f}s)"
     )
     series: dict[tuple[str, str], _Series] = {}
+    trash = _Trash()
 
     for op in [o for o in spec["ops"] if o in SAVE_OPS]:
         savers = [s for s in systems if s.save is not None]
@@ -146,7 +180,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 ser = series[system.name, op]
                 if ser.error:
                     continue
-                path = os.path.join(data, f"{system.name}.{op}")
+                path = os.path.join(data, f"{system.name}.{op}.{rnd}")
                 _measure.remove(path)
                 os.sync()
                 try:
@@ -154,11 +188,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                         ser, rnd < warmup, system.save, wl, path, op == "save_fsync",
                         options.get(system.name, {}),
                     )
-                    _log(f"[{name}] {op} round {rnd + 1}/{warmup + repeats} {system.name}: {dt:.3f}s")
+                    _log(f"[{name}] {op} {rnd + 1}/{warmup + repeats} {system.name}: {dt:.3f}s")
                 except Exception:
                     ser.error = traceback.format_exc(limit=3)
                     _log(f"[{name}] {op} {system.name} FAILED:\n{ser.error}")
-                _measure.remove(path)
+                trash.discard(path)
                 os.sync()
 
     load_ops = [o for o in spec["ops"] if o in LOAD_OPS]
@@ -198,12 +232,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                     _verify(wl, loaded, reference, f"{system.name} {op}")
                     ser.verified += 1
                     del loaded
-                    _log(f"[{name}] {op} round {rnd + 1}/{warmup + repeats} {system.name}: {dt:.3f}s")
+                    _log(f"[{name}] {op} {rnd + 1}/{warmup + repeats} {system.name}: {dt:.3f}s")
                 except Exception:
                     ser.error = traceback.format_exc(limit=3)
                     _log(f"[{name}] {op} {system.name} FAILED:\n{ser.error}")
     for path in fixtures.values():
         _measure.remove(path)
+    trash.empty()
 
     return {
         "workload": wl.info(),

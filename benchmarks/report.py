@@ -236,7 +236,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt_mb(save and save['extra_rss_mb'])} / "
                 f"{_fmt_mb(load and load['extra_rss_mb'])}"
             )
-            lines.append(f"| {results['systems'][system]['label']} | " + " | ".join(cells) + f" | {rss} |")
+            label = results["systems"][system]["label"]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {rss} |")
         lines.append("")
     lines += [
         "## Targets (zarrckpt, medians of this run)",

@@ -109,7 +109,8 @@ def _raw_view(t: torch.Tensor) -> np.ndarray:
 def _zarrckpt_save(wl: Workload, path: str, fsync: bool, options: Mapping[str, Any]) -> None:
     import zarrckpt
 
-    opts = {k: v for k, v in options.items() if k in ("threads", "chunk_bytes", "inner_chunk_bytes")}
+    keys = ("threads", "chunk_bytes", "inner_chunk_bytes")
+    opts = {k: v for k, v in options.items() if k in keys}
     zarrckpt.save(wl.state_dict, path, fsync=fsync, **opts)
 
 

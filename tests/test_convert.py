@@ -623,6 +623,21 @@ def test_detect_format(tmp_path: Path) -> None:
     assert convert.detect_format(tmp_path / "m.safetensors", role=dest) == "safetensors"
 
 
+def test_convert_argument_errors(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(1)}, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="both torch"):
+        convert.convert(tmp_path / "a.pt", tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="metadata"):
+        convert.convert(tmp_path / "a.pt", tmp_path / "ckpt", metadata={"a": "b"})
+    convert.convert(tmp_path / "a.pt", tmp_path / "b.safetensors", metadata={"a": "b"})
+    assert st_read(str(tmp_path / "b.safetensors"))[1] == {"a": "b"}
+    zarrckpt.save({"w": torch.ones(1)}, tmp_path / "ckpt", fsync=False)
+    with pytest.raises(UnsupportedValueError, match="reserved"):
+        convert.to_safetensors(tmp_path / "ckpt", tmp_path / "c.safetensors",
+                               metadata={"zarrckpt.tree": "{}"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.safetensors", "ckpt"]
+
+
 def test_cli_convert(tmp_path: Path) -> None:
     """``zarrckpt convert`` end to end in a subprocess, plain and --json."""
     torch.save(training_state(), tmp_path / "a.pt")

@@ -38,7 +38,7 @@ from ._storage import (
     write_commit_marker,
     write_json,
 )
-from ._writer import write_metadata
+from ._writer import _WRITEBACK_MIN_BYTES, write_metadata
 from .errors import InvalidKeyError, UnsupportedValueError
 
 __all__ = ["CheckpointBuilder", "ProgressFn", "ProgressTracker"]
@@ -211,8 +211,12 @@ class CheckpointBuilder:
         if parent not in self._made_dirs:
             os.makedirs(parent, exist_ok=True)
             self._made_dirs.add(parent)
-        # looked up on the module so tests can inject write failures
-        return _chunkio.write_file(path, encode_chunk(entry.layout, index, source, origin))
+        buffers = encode_chunk(entry.layout, index, source, origin)
+        # looked up on the module so tests can inject write failures; with fsync, large
+        # chunks start their writeback at once (as zarrckpt.save does)
+        if self.fsync and entry.layout.chunk_nbytes >= _WRITEBACK_MIN_BYTES:
+            return _chunkio.write_file(path, buffers, writeback=True)
+        return _chunkio.write_file(path, buffers)
 
     def _collect(self, block: bool) -> None:
         """Wait for finished writes (for at least one when ``block``), raise their errors."""

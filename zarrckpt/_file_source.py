@@ -10,7 +10,6 @@ broadcasting whole tensors it does not hold.
 
 from __future__ import annotations
 
-import os
 import warnings
 import zipfile
 from typing import Any
@@ -80,9 +79,3 @@ def open_file_source(path: str, *, allow_pickle: bool) -> Any:
             f"{path!r} is a file but neither a torch.save file nor a safetensors file; "
             "zarrckpt.load reads those and zarrckpt checkpoint directories"
         ) from None
-
-
-def is_file_source(path: str) -> bool:
-    """True when ``path`` names a regular file (not a checkpoint directory)."""
-    return os.path.isfile(path)
-
