@@ -190,9 +190,7 @@ def load_all(root: str, sources: list[str]) -> dict[str, dict[str, Any]]:
             mismatched = [
                 k
                 for k, ref in reference.items()
-                if k not in got
-                or got[k].dtype != ref.dtype
-                or not torch.equal(got[k], ref)
+                if k not in got or got[k].dtype != ref.dtype or not torch.equal(got[k], ref)
             ]
             results[f"{source}->{target}"] = {
                 "mismatched": mismatched,
@@ -210,7 +208,9 @@ def _plain_optim_target(model: torch.nn.Module, optim: torch.optim.Optimizer) ->
     return osd  # type: ignore[no-any-return]
 
 
-def _apply(model: torch.nn.Module, optim: torch.optim.Optimizer, sd: dict[str, Any], layout: str) -> None:
+def _apply(
+    model: torch.nn.Module, optim: torch.optim.Optimizer, sd: dict[str, Any], layout: str
+) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if layout == "fsdp1_ws2":

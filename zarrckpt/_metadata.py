@@ -7,15 +7,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._dtypes import DTypeInfo, info_for_zarr
+from ._fqn import fqn_to_path
 from ._layout import ArrayLayout, layout_from_codecs
 from ._storage import FORMAT_NAME, FORMAT_VERSION
-from ._fqn import fqn_to_path
 from .errors import CorruptCheckpointError, ZarrCkptError
 
 #: group holding the arrays of pickled objects (``~`` never starts an encoded FQN)
 PICKLE_GROUP = "~pickle"
 
-__all__ = ["PICKLE_GROUP", "array_path", "ArrayEntry", "array_document", "group_document", "root_document", "parse_entry"]
+__all__ = [
+    "PICKLE_GROUP",
+    "array_path",
+    "ArrayEntry",
+    "array_document",
+    "group_document",
+    "root_document",
+    "parse_entry",
+]
 
 
 @dataclass(frozen=True)

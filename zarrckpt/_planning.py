@@ -63,7 +63,9 @@ def _volume(region: Region) -> int:
     return math.prod(b - a for a, b in region) if region else 1
 
 
-def regular_chunk_shape(shape: tuple[int, ...], regions: Sequence[Region]) -> tuple[int, ...] | None:
+def regular_chunk_shape(
+    shape: tuple[int, ...], regions: Sequence[Region]
+) -> tuple[int, ...] | None:
     """Chunk shape if ``regions`` are exactly the cells of a regular grid over ``shape``."""
     if not regions:
         return None
@@ -76,9 +78,7 @@ def regular_chunk_shape(shape: tuple[int, ...], regions: Sequence[Region]) -> tu
         if starts != list(range(0, size, step)):
             return None
         chunk.append(step)
-    cells = {
-        tuple((a, b) for a, b in r) for r in regions
-    }
+    cells = {tuple((a, b) for a, b in r) for r in regions}
     for region in cells:
         for dim, (a, b) in enumerate(region):
             if a % chunk[dim] or b != min(a + chunk[dim], shape[dim]):
@@ -136,10 +136,10 @@ def _plan_one(
     shape = arr.shape
     full: Region = tuple((0, s) for s in shape)
     holders = [r for r in range(world_size) if arr.pieces[r]]
-    if arr.replicated or all(
-        len(arr.pieces[r]) == 1 and arr.pieces[r][0] == full for r in holders
-    ):
-        layout = choose_layout(shape, arr.itemsize, chunk_bytes=chunk_bytes, inner_bytes=inner_bytes)
+    if arr.replicated or all(len(arr.pieces[r]) == 1 and arr.pieces[r][0] == full for r in holders):
+        layout = choose_layout(
+            shape, arr.itemsize, chunk_bytes=chunk_bytes, inner_bytes=inner_bytes
+        )
         plan = ArrayPlan(arr.fqn, layout)
         if not holders:
             if _volume(full):
@@ -157,9 +157,7 @@ def _plan_one(
             distinct.setdefault(tuple(region), []).append((rank, k))
     regions = list(distinct)
     chunk_shape = regular_chunk_shape(shape, regions) or _common_grid(shape, regions)
-    layout = choose_layout(
-        shape, arr.itemsize, chunk_shape=chunk_shape, inner_bytes=inner_bytes
-    )
+    layout = choose_layout(shape, arr.itemsize, chunk_shape=chunk_shape, inner_bytes=inner_bytes)
     plan = ArrayPlan(arr.fqn, layout)
     covered = 0
     for index in layout.chunk_indices():

@@ -105,7 +105,10 @@ def prepare_local(
     without it CPU tensors are used in place.
     """
     flat = flatten_state_dict(
-        state_dict, allow_pickle=options.allow_pickle, checkpoint=path, is_tensor_leaf=is_tensor_leaf
+        state_dict,
+        allow_pickle=options.allow_pickle,
+        checkpoint=path,
+        is_tensor_leaf=is_tensor_leaf,
     )
     views: dict[str, LocalView] = {}
     sources: dict[str, list[np.ndarray]] = {}
@@ -183,7 +186,7 @@ def _build_plan(
     _check_same_keys(summaries, path)
     world = len(summaries)
     arrays = []
-    for fqn, (shape, dtype_name, _, replicated) in summaries[0].items():
+    for fqn, (shape, dtype_name, _, _) in summaries[0].items():
         info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")), key=fqn, path=path)
         arrays.append(
             ArrayPieces(
@@ -231,7 +234,8 @@ def save_collective(
     pickled_sizes = {fqn: len(data) for fqn, data in local.pickled.items()}
     pickled_sizes = comm.broadcast(pickled_sizes)
     entries, writers = comm.agree(
-        lambda: _build_plan(summaries, pickled_sizes, path, options), f"planning the save of {path!r}"
+        lambda: _build_plan(summaries, pickled_sizes, path, options),
+        f"planning the save of {path!r}",
     )
     tree = comm.broadcast(local.tree)
 
@@ -241,7 +245,9 @@ def save_collective(
         check_writable(path, overwrite=options.overwrite)
         return new_staging_dir(path)
 
-    staging = comm.broadcast(comm.agree(create_staging, f"preparing the checkpoint directory {path!r}"))
+    staging = comm.broadcast(
+        comm.agree(create_staging, f"preparing the checkpoint directory {path!r}")
+    )
     assert isinstance(staging, str)
     try:
         comm.agree(
@@ -260,9 +266,7 @@ def save_collective(
                 world_size=comm.world_size,
                 extra={**sharding_summary(local), **extra},
             )
-            root_bytes = write_json(
-                os.path.join(staging, ROOT_METADATA), root, fsync=options.fsync
-            )
+            root_bytes = write_json(os.path.join(staging, ROOT_METADATA), root, fsync=options.fsync)
             write_commit_marker(staging, root_bytes, checkpoint_id, fsync=options.fsync)
             publish(staging, path, overwrite=options.overwrite, fsync=options.fsync)
 

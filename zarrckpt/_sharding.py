@@ -100,7 +100,9 @@ def _blocks_from_indices(tensor: torch.Tensor, per_dim: list[list[int]]) -> list
     return blocks
 
 
-def dtensor_indices(global_shape: tuple[int, ...], mesh: Any, placements: Any) -> list[list[int]] | None:
+def dtensor_indices(
+    global_shape: tuple[int, ...], mesh: Any, placements: Any
+) -> list[list[int]] | None:
     """Global indices held by this rank along each dimension (None: not in the mesh)."""
     from torch.distributed.tensor.placement_types import Shard, _StridedShard
 

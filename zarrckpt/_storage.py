@@ -106,12 +106,12 @@ def check_writable(path: str, *, overwrite: bool) -> None:
             f"checkpoint path {path!r} already exists; pass overwrite=True to replace it "
             "(the old checkpoint stays intact until the new one is committed)"
         )
-    if os.path.isdir(path) and not os.path.islink(path):
-        if os.listdir(path) and not is_checkpoint_dir(path):
-            raise CheckpointExistsError(
-                f"refusing to overwrite {path!r}: it is a non-empty directory that is not "
-                "a zarrckpt checkpoint"
-            )
+    is_dir = os.path.isdir(path) and not os.path.islink(path)
+    if is_dir and os.listdir(path) and not is_checkpoint_dir(path):
+        raise CheckpointExistsError(
+            f"refusing to overwrite {path!r}: it is a non-empty directory that is not "
+            "a zarrckpt checkpoint"
+        )
 
 
 def new_staging_dir(path: str) -> str:
@@ -161,7 +161,9 @@ def sync_tree(root: str) -> None:
         _fsync_path(dirpath)
 
 
-def write_commit_marker(staging: str, root_bytes: bytes, checkpoint_id: str, *, fsync: bool) -> None:
+def write_commit_marker(
+    staging: str, root_bytes: bytes, checkpoint_id: str, *, fsync: bool
+) -> None:
     """Write the commit marker (last file of a checkpoint)."""
     marker = {
         "format": FORMAT_NAME,

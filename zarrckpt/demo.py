@@ -40,7 +40,10 @@ class DataPosition:
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(32, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
         torch.nn.Linear(64, 8),
     )
 
@@ -101,18 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. two gloo processes train an FSDP2 model for {STEPS} steps and save it")
     results = run_distributed(train_and_save, 2, path)
     for rank, r in enumerate(results):
-        print(f"   rank {rank}: loss {r['loss']:.4f}, save took {r['seconds'] * 1000:.0f} ms, "
-              f"holds shards {r['shards']['0.weight']} of 0.weight")
+        print(
+            f"   rank {rank}: loss {r['loss']:.4f}, save took {r['seconds'] * 1000:.0f} ms, "
+            f"holds shards {r['shards']['0.weight']} of 0.weight"
+        )
 
     print("\n2. open it offline (no torch.distributed): zarr arrays and dask")
     ckpt = zarrckpt.open(path)
     total = sum(ckpt[k].nbytes for k in ckpt)
-    print(f"   {len(ckpt)} tensors, {total / 1024:.1f} KiB, written by "
-          f"{ckpt.metadata['world_size']} ranks")
+    print(
+        f"   {len(ckpt)} tensors, {total / 1024:.1f} KiB, written by "
+        f"{ckpt.metadata['world_size']} ranks"
+    )
     arr = ckpt["model.0.weight"]
     print(f"   model.0.weight as zarr: shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}")
-    norms = {k: float((v.astype("float64") ** 2).sum() ** 0.5)
-             for k, v in ckpt.to_dask("model.*").items()}
+    norms = {
+        k: float((v.astype("float64") ** 2).sum() ** 0.5)
+        for k, v in ckpt.to_dask("model.*").items()
+    }
     import dask
 
     norms = dict(zip(norms, dask.compute(*norms.values()), strict=True))

@@ -116,9 +116,7 @@ def run_distributed(
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [
-                    r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome
-                ]
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
                 if dead and all(p.exitcode not in (None, 0) for p in (procs[r] for r in dead)):
                     # give the queue a moment: a rank may have posted just before exiting
                     try:
