@@ -208,11 +208,14 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {v['gb_per_s']:.2f} |"
         )
     t = result["fsdp2_ws2"]
+
+    def speedup(op: str) -> float:
+        return float(t[f"dcp {op}"]["median_s"] / t[f"zarrckpt {op}"]["median_s"])
+
     lines += [
         "",
-        f"zarrckpt / DCP speed: save {t['dcp save']['median_s'] / t['zarrckpt save']['median_s']:.2f}x, "
-        f"warm load {t['dcp load warm']['median_s'] / t['zarrckpt load warm']['median_s']:.2f}x, "
-        f"cold load {t['dcp load cold']['median_s'] / t['zarrckpt load cold']['median_s']:.2f}x",
+        f"zarrckpt / DCP speed: save {speedup('save'):.2f}x, "
+        f"warm load {speedup('load warm'):.2f}x, cold load {speedup('load cold'):.2f}x",
         "",
         "| reshard | zarrckpt bytes read / needed (max over ranks) | DCP |",
         "|---|---:|---:|",
