@@ -28,7 +28,7 @@ def files_under(path: str) -> list[str]:
     """Regular files of a checkpoint (the file itself, or every file below a directory)."""
     if os.path.isfile(path):
         return [path]
-    out = []
+    out: list[str] = []
     for dirpath, _dirs, names in os.walk(path):
         out.extend(os.path.join(dirpath, n) for n in names)
     return out
@@ -133,4 +133,4 @@ def tensor_bytes(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def checksums(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, int]:
     """crc32c of every tensor's bytes."""
-    return {k: int(crc32c.crc32c(tensor_bytes(v))) for k, v in tensors.items()}
+    return {k: int(crc32c.crc32c(tensor_bytes(v).data)) for k, v in tensors.items()}

@@ -1,16 +1,17 @@
-"""Measure one single-process workload against several systems (run as a subprocess).
+"""Measure single-process workloads against several systems (run as a subprocess).
 
-``python -m benchmarks._worker SPEC.json`` builds the workload, then for each
-operation runs ``warmup + repeats`` rounds; in every round each system runs
-once, in an order rotated from round to round, so that noise from the shared
-machine falls on all systems alike. Results go to ``spec["output"]`` as JSON.
+``python -m benchmarks._worker SPEC.json`` builds each workload in turn, then for each
+operation runs ``repeats`` timed rounds (preceded by ``warmup`` untimed rounds
+for the first save and the first load operation); in every round each system
+runs once, in an order rotated from round to round, so that noise from the
+shared machine falls on all systems alike. Results go to ``spec["output"]``.
 
 Operations
 ----------
 save_fsync, save_nofsync
     Save to a fresh path (``os.sync()`` runs before the clock starts, so no
     system inherits another's dirty pages; outputs of many files are deleted
-    only at the end, see :class:`_Trash`).
+    only after the run, see :class:`_Trash`).
 load_warm
     Load a checkpoint written (with fsync) before the load rounds; its files
     are read once beforehand so they sit in the page cache.
@@ -32,6 +33,7 @@ import resource
 import sys
 import time
 import traceback
+import uuid
 from typing import Any
 
 import torch
@@ -40,7 +42,10 @@ from . import _measure
 from .systems import SYSTEMS, System
 from .workloads import WORKLOADS, Workload
 
-__all__ = ["OPS", "SAVE_OPS", "LOAD_OPS", "run", "main"]
+__all__ = ["OPS", "SAVE_OPS", "LOAD_OPS", "TRASH", "run", "main"]
+
+#: directory (under the data directory) of outputs deleted only after the run
+TRASH = ".trash"
 
 SAVE_OPS = ("save_fsync", "save_nofsync")
 LOAD_OPS = ("load_warm", "load_cold")
@@ -78,35 +83,36 @@ class _Series:
 
 
 class _Trash:
-    """Deletes save outputs, deferring those made of many files to the end.
+    """Disposes of save outputs without slowing the next saves down.
 
-    Deleting thousands of inodes slows the next thousands of file creations on
-    ext4 (the inode allocator skips recently deleted inodes, ``recently_deleted``
-    in ``find_inode_bit``, for about 30 s), which would charge one system's
-    clean-up to the next system's save. Outputs of more than ``max_files``
-    files are therefore kept until the workload ends (up to ``budget`` bytes).
+    Deleting thousands of inodes makes the next thousands of file creations on
+    ext4 slow for about 30 s (the inode allocator skips recently deleted
+    inodes one by one: ``recently_deleted`` in ``find_inode_bit``), which would
+    charge one system's clean-up to the next system's save. Outputs of more
+    than ``max_files`` files therefore have their files truncated (freeing
+    the disk space) and are moved to ``<data_dir>/.trash``, which the parent
+    process deletes once, after the whole run. Outputs of few files are
+    deleted at once.
     """
 
-    def __init__(self, max_files: int = 64, budget: int = 24 << 30) -> None:
+    def __init__(self, trash_dir: str, max_files: int = 64) -> None:
+        self.trash_dir = trash_dir
         self.max_files = max_files
-        self.budget = budget
-        self.kept: list[str] = []
-        self.kept_bytes = 0
+        self.count = 0
 
     def discard(self, path: str) -> None:
-        files = _measure.files_under(path) if os.path.exists(path) else []
-        size = sum(os.path.getsize(f) for f in files)
-        if len(files) > self.max_files and self.kept_bytes + size <= self.budget:
-            self.kept.append(path)
-            self.kept_bytes += size
-        else:
+        if not os.path.exists(path):
+            return
+        files = _measure.files_under(path)
+        if len(files) <= self.max_files:
             _measure.remove(path)
-
-    def empty(self) -> None:
-        for path in self.kept:
-            _measure.remove(path)
-        self.kept.clear()
-        self.kept_bytes = 0
+            return
+        for f in files:
+            os.truncate(f, 0)
+        os.makedirs(self.trash_dir, exist_ok=True)
+        self.count += 1
+        target = f"{uuid.uuid4().hex[:12]}-{os.path.basename(path)}"
+        os.rename(path, os.path.join(self.trash_dir, target))
 
 
 def _rotate(items: list[System], k: int) -> list[System]:
@@ -169,13 +175,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         f"(built in {build_s:.1f}s)"
     )
     series: dict[tuple[str, str], _Series] = {}
-    trash = _Trash()
+    trash = _Trash(os.path.join(spec["data_dir"], TRASH))
 
-    for op in [o for o in spec["ops"] if o in SAVE_OPS]:
+    save_ops = [o for o in spec["ops"] if o in SAVE_OPS]
+    for op in save_ops:
         savers = [s for s in systems if s.save is not None]
         for s in savers:
             series[s.name, op] = _Series(s.name, op)
-        for rnd in range(warmup + repeats):
+        # the warm-up rounds run before the first save op only: later ones find every
+        # code path and buffer already warm
+        warm = warmup if op == save_ops[0] else 0
+        for rnd in range(warm + repeats):
             for system in _rotate(savers, rnd):
                 ser = series[system.name, op]
                 if ser.error:
@@ -185,10 +195,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 os.sync()
                 try:
                     _, dt = _timed(
-                        ser, rnd < warmup, system.save, wl, path, op == "save_fsync",
+                        ser, rnd < warm, system.save, wl, path, op == "save_fsync",
                         options.get(system.name, {}),
                     )
-                    _log(f"[{name}] {op} {rnd + 1}/{warmup + repeats} {system.name}: {dt:.3f}s")
+                    _log(f"[{name}] {op} {rnd + 1}/{warm + repeats} {system.name}: {dt:.3f}s")
                 except Exception:
                     ser.error = traceback.format_exc(limit=3)
                     _log(f"[{name}] {op} {system.name} FAILED:\n{ser.error}")
@@ -209,11 +219,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 _log(f"[{name}] fixture of {source} FAILED:\n{traceback.format_exc(limit=3)}")
         os.sync()
     for op in load_ops:
+        warm = warmup if op == load_ops[0] else 0
         for s in loaders:
             series[s.name, op] = _Series(s.name, op)
             if s.source not in fixtures:
                 series[s.name, op].error = f"no checkpoint: saving with {s.source} failed"
-        for rnd in range(warmup + repeats):
+        for rnd in range(warm + repeats):
             for system in _rotate(loaders, rnd):
                 ser = series[system.name, op]
                 if ser.error:
@@ -227,19 +238,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                     _measure.prewarm(files)
                 try:
                     loaded, dt = _timed(
-                        ser, rnd < warmup, system.load, wl, path, options.get(system.name, {})
+                        ser, rnd < warm, system.load, wl, path, options.get(system.name, {})
                     )
                     _verify(wl, loaded, reference, f"{system.name} {op}")
                     ser.verified += 1
                     del loaded
-                    _log(f"[{name}] {op} {rnd + 1}/{warmup + repeats} {system.name}: {dt:.3f}s")
+                    _log(f"[{name}] {op} {rnd + 1}/{warm + repeats} {system.name}: {dt:.3f}s")
                 except Exception:
                     ser.error = traceback.format_exc(limit=3)
                     _log(f"[{name}] {op} {system.name} FAILED:\n{ser.error}")
     for path in fixtures.values():
-        _measure.remove(path)
-    trash.empty()
+        trash.discard(path)
 
+    _log(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
     return {
         "workload": wl.info(),
         "build_s": build_s,
@@ -250,12 +261,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the workloads of the spec file ``argv[0]`` one after the other."""
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         spec = json.load(f)
-    result = run(spec)
+    results = []
+    for name in spec["workloads"]:
+        results.append(run({**spec, "workload": name}))
+        gc.unfreeze()  # let the finished workload's objects go
+        gc.collect()
     with open(spec["output"], "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(results, f, indent=1)
     return 0
 
 

@@ -7,9 +7,10 @@ Usage::
     python -m benchmarks --only b --out bench-out/b
     python -m benchmarks --quick --tiny  # seconds; used by the test suite
 
-Each workload is measured in its own subprocess (``--isolate system`` gives
-each (workload, system) pair its own process); the parent records each
-child's peak RSS through ``os.wait4``.
+Workloads are measured in subprocesses (one per workload in the full run, one
+for all of them with ``--quick``; ``--isolate system`` gives each (workload,
+system) pair its own process); the parent records each child's peak RSS
+through ``os.wait4``, and the worker the peak RSS of every operation.
 """
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import report
-from ._worker import OPS
+from ._worker import OPS, TRASH
 from .systems import SYSTEMS
 from .workloads import WORKLOADS, resolve_workload
 
 __all__ = ["main", "MODES", "RUNNERS"]
 
 #: mode -> (workload size, warm-up rounds, timed repetitions)
-MODES = {"full": ("full", 1, 5), "quick": ("quick", 1, 3), "tiny": ("tiny", 1, 2)}
+MODES = {"full": ("full", 1, 4), "quick": ("quick", 1, 3), "tiny": ("tiny", 1, 2)}
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,9 +46,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _spawn(spec: dict[str, Any], workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run one worker subprocess; return its output and its process record."""
-    tag = f"{spec['workload']}-{'+'.join(spec['systems'])}"[:80]
+def _spawn(spec: dict[str, Any], workdir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one worker subprocess; return its outputs (one per workload) and its record."""
+    tag = f"{'+'.join(spec['workloads'])}-{'+'.join(spec['systems'])}"[:80]
     spec_path = os.path.join(workdir, f"{tag}.spec.json")
     spec["output"] = os.path.join(workdir, f"{tag}.out.json")
     with open(spec_path, "w") as f:
@@ -59,7 +60,7 @@ def _spawn(spec: dict[str, Any], workdir: str) -> tuple[dict[str, Any], dict[str
     _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     record = {
-        "workload": spec["workload"],
+        "workloads": spec["workloads"],
         "systems": spec["systems"],
         "returncode": proc.returncode,
         "wall_s": time.perf_counter() - t0,
@@ -71,17 +72,30 @@ def _spawn(spec: dict[str, Any], workdir: str) -> tuple[dict[str, Any], dict[str
         return json.load(f), record
 
 
-def run_single(spec: dict[str, Any], isolate: str, workdir: str) -> list[tuple[dict, dict]]:
-    """Runner of single-process workloads: one subprocess per workload (or per system)."""
-    if isolate == "workload":
-        return [_spawn(spec, workdir)]
-    return [_spawn({**spec, "systems": [s]}, workdir) for s in spec["systems"]]
+Runner = Callable[[dict[str, Any], str, str], Iterable[tuple[list[dict[str, Any]], dict[str, Any]]]]
+
+
+def run_single(
+    spec: dict[str, Any], isolate: str, workdir: str
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """Runner of single-process workloads (``spec["workloads"]``).
+
+    ``isolate``: ``"run"`` one subprocess for all of them, ``"workload"`` one
+    per workload, ``"system"`` one per (workload, system).
+    """
+    if isolate == "run":
+        yield _spawn(spec, workdir)
+    elif isolate == "workload":
+        for w in spec["workloads"]:
+            yield _spawn({**spec, "workloads": [w]}, workdir)
+    else:
+        for w in spec["workloads"]:
+            for s in spec["systems"]:
+                yield _spawn({**spec, "workloads": [w], "systems": [s]}, workdir)
 
 
 #: workload kind -> runner; distributed workloads add their own
-RUNNERS: dict[str, Callable[[dict[str, Any], str, str], list[tuple[dict, dict]]]] = {
-    "single": run_single
-}
+RUNNERS: dict[str, Runner] = {"single": run_single}
 
 
 def _merge(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,9 +182,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-data", action="store_true", help="keep the data directory")
     p.add_argument(
         "--isolate",
-        choices=("workload", "system"),
-        default="workload",
-        help="one subprocess per workload (default) or per (workload, system)",
+        choices=("run", "workload", "system"),
+        help="one subprocess for all workloads (default with --quick), per workload "
+        "(default otherwise) or per (workload, system)",
     )
     p.add_argument(
         "--opt",
@@ -195,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
     ops = [o for o in args.ops.split(",") if o] or list(OPS)
+    isolate = args.isolate or ("workload" if mode == "full" else "run")
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     data_dir = os.path.abspath(args.data_dir or os.path.join(out_dir, "_data"))
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": workloads,
         "systems": systems,
         "ops": ops,
+        "isolate": isolate,
         "options": _parse_options(args.opt),
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
@@ -221,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="specs-", dir=data_dir) as workdir:
-            for name in workloads:
+            kinds = dict.fromkeys(WORKLOADS[w].kind for w in workloads)
+            for kind in kinds:
                 spec = {
-                    "workload": name,
+                    "workloads": [w for w in workloads if WORKLOADS[w].kind == kind],
                     "size": size,
                     "systems": systems,
                     "ops": ops,
@@ -232,14 +249,15 @@ def main(argv: list[str] | None = None) -> int:
                     "data_dir": data_dir,
                     "options": meta["options"],
                 }
-                for output, record in RUNNERS[WORKLOADS[name].kind](spec, args.isolate, workdir):
-                    outputs.append(output)
+                for outs, record in RUNNERS[kind](spec, isolate, workdir):
+                    outputs.extend(outs)
                     processes.append(record)
                     _log(
-                        f"[{name}] process done in {record['wall_s']:.1f}s, "
-                        f"peak RSS {record['ru_maxrss_mb']:.0f} MB"
+                        f"[{'+'.join(record['workloads'])}] process done in "
+                        f"{record['wall_s']:.1f}s, peak RSS {record['ru_maxrss_mb']:.0f} MB"
                     )
     finally:
+        shutil.rmtree(os.path.join(data_dir, TRASH), ignore_errors=True)
         if not args.keep_data and args.data_dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

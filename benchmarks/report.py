@@ -155,6 +155,10 @@ def lookup(results: dict[str, Any], workload: str, system: str, op: str) -> dict
     return None
 
 
+def _get(row: dict[str, Any] | None, key: str) -> Any:
+    return None if row is None else row[key]
+
+
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target on each applicable workload: speedup, threshold, met."""
     out = []
@@ -164,13 +168,13 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             mine = lookup(results, workload, target.system, target.op)
             ref = lookup(results, workload, target.reference, target.op)
-            speedup = _ratio(ref and ref["median_s"], mine and mine["median_s"])
+            speedup = _ratio(_get(ref, "median_s"), _get(mine, "median_s"))
             out.append(
                 {
                     **asdict(target),
                     "workload": workload,
-                    "system_median_s": mine and mine["median_s"],
-                    "reference_median_s": ref and ref["median_s"],
+                    "system_median_s": _get(mine, "median_s"),
+                    "reference_median_s": _get(ref, "median_s"),
                     "speedup": speedup,
                     "time_ratio": None if not speedup else 1 / speedup,
                     "met": None if speedup is None else speedup >= target.min_speedup,
@@ -232,10 +236,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             save = lookup(results, workload, system, "save_fsync")
             load = lookup(results, workload, system, "load_warm")
-            rss = (
-                f"{_fmt_mb(save and save['extra_rss_mb'])} / "
-                f"{_fmt_mb(load and load['extra_rss_mb'])}"
-            )
+            rss = f"{_fmt_mb(_get(save, 'extra_rss_mb'))} / {_fmt_mb(_get(load, 'extra_rss_mb'))}"
             label = results["systems"][system]["label"]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {rss} |")
         lines.append("")

@@ -299,7 +299,7 @@ def _raw_save(wl: Workload, path: str, fsync: bool, options: Mapping[str, Any]) 
 def _raw_load(wl: Workload, path: str, options: Mapping[str, Any]) -> None:
     with open(path, "rb", buffering=0) as f:
         for t in wl.flat.values():
-            view = memoryview(_raw_view(t).reshape(-1).view(np.uint8))
+            view = memoryview(_raw_view(t).reshape(-1).view(np.uint8).data)
             got = 0
             while got < len(view):
                 n = f.readinto(view[got:])

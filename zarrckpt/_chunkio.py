@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +33,10 @@ EMPTY = np.uint64(2**64 - 1)
 _IOV_MAX = 512
 #: consecutive inner chunks are read with one preadv of about this many bytes, and each
 #: checksum is verified right after, while the bytes are still in the CPU cache
-_READ_GROUP_BYTES = 4 << 20
+_READ_GROUP_BYTES = 1 << 20
 #: with ``writeback=True`` the kernel is asked to start writing a file back after every
 #: this many bytes, so that the disk works while the next bytes are being copied
-_WRITEBACK_BYTES = 8 << 20
+_WRITEBACK_BYTES = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -61,9 +62,18 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+_crc32c_impl: Callable[..., int]
+try:  # SIMD (VPCLMULQDQ) crc32c: 2-4x faster than the SSE4.2 one where the CPU has it
+    from fastcrc import crc32 as _fastcrc32
+
+    _crc32c_impl = _fastcrc32.iscsi
+except ImportError:  # pragma: no cover - fastcrc is a dependency; crc32c is the fallback
+    _crc32c_impl = _crc32c.crc32c
+
+
 def crc32c(data: Any) -> int:
-    """crc32c (Castagnoli) of a buffer."""
-    return int(_crc32c.crc32c(data))
+    """crc32c (Castagnoli) of a buffer (the GIL is released while it runs)."""
+    return int(_crc32c_impl(data))
 
 
 def _crc_bytes(data: Any) -> bytes:
@@ -72,7 +82,7 @@ def _crc_bytes(data: Any) -> bytes:
 
 def _as_bytes_view(array: np.ndarray) -> memoryview:
     """Flat uint8 memoryview of a C-contiguous array (works for ml_dtypes too)."""
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return array.reshape(-1).view(np.uint8).data
 
 
 def _slices(region: Region, origin: tuple[int, ...]) -> tuple[Any, ...]:
@@ -271,7 +281,7 @@ class ChunkReader:
                 views[0] = views[0][n:]
         self.bytes_read += expected
 
-    def _check(self, data: Any, stored: bytes, index: tuple[int, ...], part: str) -> None:
+    def _check(self, data: Any, stored: Any, index: tuple[int, ...], part: str) -> None:
         if crc32c(data).to_bytes(4, "little") != bytes(stored):
             raise CorruptCheckpointError(
                 f"{self.what}: checksum mismatch in chunk {self.layout.chunk_key(index)!r}"

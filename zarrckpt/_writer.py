@@ -68,6 +68,23 @@ def _write_small(path: str, data: bytes) -> None:
 _FQN_MARK = "\x00zarrckpt-fqn\x00"
 _PATH_MARK = "\x00zarrckpt-path\x00"
 _TEMPLATES: dict[tuple[object, ...], tuple[str, str] | None] = {}
+_MAX_TEMPLATES = 4096
+
+
+def _template(entry: ArrayEntry) -> tuple[str, str] | None:
+    """``array_json`` text of ``entry`` cut around its FQN, or None if the
+    document depends on more than the FQN (then it is dumped whole)."""
+    try:
+        marked = dataclasses.replace(entry, fqn=_FQN_MARK, path=_PATH_MARK)
+        text = json.dumps(array_document(marked), ensure_ascii=False, indent=1)
+    except (TypeError, ValueError):
+        return None
+    fqn_json = json.dumps(_FQN_MARK, ensure_ascii=False)
+    path_json = json.dumps(_PATH_MARK, ensure_ascii=False)[1:-1]
+    if text.count(fqn_json) != 1 or path_json in text:
+        return None
+    head, tail = text.split(fqn_json)
+    return head, tail
 
 
 def array_json(entry: ArrayEntry) -> bytes:
@@ -80,12 +97,9 @@ def array_json(entry: ArrayEntry) -> bytes:
     """
     key = (entry.dtype.zarr_name, repr(entry.dtype.fill_value), entry.layout, entry.kind)
     if key not in _TEMPLATES:
-        marked = dataclasses.replace(entry, fqn=_FQN_MARK, path=_PATH_MARK)
-        text = json.dumps(array_document(marked), ensure_ascii=False, indent=1)
-        fqn_json = json.dumps(_FQN_MARK, ensure_ascii=False)
-        path_json = json.dumps(_PATH_MARK, ensure_ascii=False)[1:-1]
-        usable = text.count(fqn_json) == 1 and path_json not in text
-        _TEMPLATES[key] = tuple(text.split(fqn_json)) if usable else None  # type: ignore[assignment]
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = _template(entry)
     template = _TEMPLATES[key]
     if template is None:  # the document depends on more than the FQN: dump it whole
         return json.dumps(array_document(entry), ensure_ascii=False, indent=1).encode()

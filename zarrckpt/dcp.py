@@ -476,7 +476,7 @@ class ZarrStorageWriter(StorageWriter):
                     },
                 )
             )
-        write_arrays(staging, metadata, chunk_writes, threads=self.threads)
+        write_arrays(staging, metadata, chunk_writes, threads=self.threads, fsync=self.fsync)
         if self.fsync:
             sync_tree(staging)
         future: Future[list[WriteResult]] = Future()

@@ -1,0 +1,166 @@
+"""The benchmark suite (benchmarks/) runs end to end and reports honest numbers.
+
+The command runs in its tiny mode (``--quick --tiny``: a few MB, seconds);
+nothing here asserts on speed, only on the completeness and the arithmetic of
+the report, and on the load verification catching a system that does not load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repository
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report  # noqa: E402
+from benchmarks._worker import LOAD_OPS, SAVE_OPS  # noqa: E402
+from benchmarks._worker import run as run_worker  # noqa: E402
+from benchmarks.systems import RAW, SYSTEMS, System, register_system  # noqa: E402
+from benchmarks.workloads import WORKLOADS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+def _row(results: dict[str, Any], workload: str, system: str, op: str) -> dict[str, Any]:
+    rows = [
+        r
+        for r in results["results"]
+        if (r["workload"], r["system"], r["op"]) == (workload, system, op)
+    ]
+    assert len(rows) == 1, (workload, system, op, len(rows))
+    return rows[0]
+
+
+def test_every_system_and_workload_is_measured(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = tiny_run
+    assert set(results["workloads"]) == set(WORKLOADS)
+    assert set(results["systems"]) == set(SYSTEMS)
+    repeats = results["meta"]["repeats"]
+    warmup = results["meta"]["warmup"]
+    for workload in WORKLOADS:
+        for name, system in SYSTEMS.items():
+            ops = (SAVE_OPS if system.save else ()) + (LOAD_OPS if system.load else ())
+            assert ops, name
+            for op in ops:
+                row = _row(results, workload, name, op)
+                assert row["error"] is None, row["error"]
+                assert row["n"] == repeats == len(row["times_s"])
+                assert all(t > 0 for t in row["times_s"])
+                assert row["peak_rss_mb"] is not None and row["peak_rss_mb"] > 0
+                # warm-up rounds precede the first save and the first load operation
+                first = op in (SAVE_OPS[0], LOAD_OPS[0])
+                assert len(row["warmup_s"]) == (warmup if first else 0)
+                if op in LOAD_OPS:  # every round (warm-up included) was verified
+                    assert row["verified_loads"] == len(row["warmup_s"]) + repeats
+
+
+def test_ratios_are_computed_from_the_measured_times(
+    tiny_run: tuple[Path, dict[str, Any]],
+) -> None:
+    _, results = tiny_run
+    for workload, info in results["workloads"].items():
+        for op in SAVE_OPS + LOAD_OPS:
+            raw = _row(results, workload, RAW, op)
+            mine = _row(results, workload, "zarrckpt", op)
+            for row in (raw, mine):
+                assert row["median_s"] == pytest.approx(statistics.median(row["times_s"]))
+                assert row["min_s"] == min(row["times_s"])
+                assert row["max_s"] == max(row["times_s"])
+                assert row["gbps"] == pytest.approx(info["nbytes"] / row["median_s"] / 1e9)
+            expected = statistics.median(raw["times_s"]) / statistics.median(mine["times_s"])
+            assert mine["ratio_to_raw"] == pytest.approx(expected)
+            assert raw["ratio_to_raw"] == pytest.approx(1.0)
+    for target in results["targets"]:
+        mine = _row(results, target["workload"], target["system"], target["op"])
+        ref = _row(results, target["workload"], target["reference"], target["op"])
+        speedup = statistics.median(ref["times_s"]) / statistics.median(mine["times_s"])
+        assert target["speedup"] == pytest.approx(speedup)
+        assert target["met"] == (speedup >= target["min_speedup"])
+
+
+def test_markdown_and_charts_are_written(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = tiny_run
+    text = (out / "results.md").read_text()
+    for workload in WORKLOADS:
+        assert f"## {workload}" in text
+        png = out / f"{workload}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for system in results["systems"].values():
+        assert system["label"] in text
+    for target in results["targets"]:
+        assert target["text"] in text
+    assert not (out / "_data").exists(), "the data directory is removed after the run"
+
+
+def test_ratio_direction_on_synthetic_numbers() -> None:
+    """A system twice as slow as the bound gets 0.5x; a target needing 0.9x fails."""
+    info = {"name": "w", "description": "d", "nbytes": 10**9, "n_tensors": 1}
+
+    def m(system: str, times: list[float]) -> dict[str, Any]:
+        return {"system": system, "op": "save_fsync", "times_s": times}
+
+    out = {
+        "workload": info,
+        "measurements": [m(RAW, [1.0, 1.2, 0.8]), m("zarrckpt", [2.0, 2.4, 1.6]), m("dcp", [4.0])],
+    }
+    results = report.build_results([out], {"mode": "test"}, [])
+    row = report.lookup(results, "w", "zarrckpt", "save_fsync")
+    assert row is not None
+    assert row["ratio_to_raw"] == pytest.approx(0.5)
+    assert row["gbps"] == pytest.approx(0.5)
+    by_key = {t["key"]: t for t in results["targets"]}
+    assert by_key["save_vs_raw"]["met"] is False
+    assert by_key["save_vs_dcp"]["speedup"] == pytest.approx(2.0)
+    assert by_key["save_vs_dcp"]["met"] is True
+    assert by_key["load_warm_vs_mmap"]["met"] is None  # not measured: not claimed
+
+
+def test_a_load_that_delivers_nothing_is_caught(tmp_path: Path) -> None:
+    """The runner verifies every load against checksums of the saved data."""
+
+    def no_load(wl: Any, path: str, options: Any) -> None:
+        return None  # leaves the zeroed target as it is
+
+    register_system(System("_lazy", "lazy", None, no_load, reads_from=RAW))
+    try:
+        result = run_worker(
+            {
+                "workload": "small_tensors",
+                "size": "tiny",
+                "systems": [RAW, "_lazy"],
+                "ops": ["load_warm"],
+                "warmup": 0,
+                "repeats": 1,
+                "data_dir": str(tmp_path),
+            }
+        )
+    finally:
+        del SYSTEMS["_lazy"]
+    by_system = {m["system"]: m for m in result["measurements"]}
+    assert by_system[RAW]["error"] is None and by_system[RAW]["verified_loads"] == 1
+    assert "differs from the saved data" in by_system["_lazy"]["error"]
+    assert by_system["_lazy"]["verified_loads"] == 0
