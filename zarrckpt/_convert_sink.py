@@ -29,14 +29,11 @@ from ._dtypes import info_for_torch
 from ._layout import ArrayLayout, choose_layout
 from ._metadata import ArrayEntry, array_path, root_document
 from ._storage import (
-    ROOT_METADATA,
     check_writable,
+    commit,
     new_staging_dir,
-    publish,
     remove_tree,
     sync_tree,
-    write_commit_marker,
-    write_json,
 )
 from ._writer import _WRITEBACK_MIN_BYTES, write_metadata
 from .errors import InvalidKeyError, UnsupportedValueError
@@ -290,9 +287,9 @@ class CheckpointBuilder:
         )
         if self.fsync:
             sync_tree(self.staging)
-        root_bytes = write_json(os.path.join(self.staging, ROOT_METADATA), root, fsync=self.fsync)
-        write_commit_marker(self.staging, root_bytes, checkpoint_id, fsync=self.fsync)
-        publish(self.staging, self.path, overwrite=self.overwrite, fsync=self.fsync)
+        commit(
+            self.staging, self.path, root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync
+        )
         self._closed = True
 
     def _check_tree(self, tree: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from ._dtypes import DTypeInfo, info_for_zarr
 from ._fqn import fqn_to_path
 from ._layout import ArrayLayout, layout_from_codecs
 from ._storage import FORMAT_NAME, FORMAT_VERSION
-from .errors import CorruptCheckpointError, ZarrCkptError
+from .errors import CorruptCheckpointError, InvalidKeyError, ZarrCkptError
 
 #: group holding the arrays of pickled objects (``~`` never starts an encoded FQN)
 PICKLE_GROUP = "~pickle"
@@ -111,6 +111,18 @@ def root_document(
     if extra:
         manifest.update(extra)
     return group_document({FORMAT_NAME: manifest})
+
+
+def check_unique_paths(entries: list[ArrayEntry], *, checkpoint: str) -> None:
+    """Refuse two entries that would share one array path."""
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e.path in seen:
+            raise InvalidKeyError(
+                f"keys {seen[e.path]!r} and {e.fqn!r} map to the same array path {e.path!r} "
+                f"in checkpoint {checkpoint!r}"
+            )
+        seen[e.path] = e.fqn
 
 
 def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry:

@@ -13,7 +13,6 @@ rank and nothing is committed):
 
 from __future__ import annotations
 
-import os
 import pickle
 import uuid
 from collections.abc import Callable
@@ -27,19 +26,10 @@ from ._collective import Comm
 from ._dtypes import info_for_torch, tensor_as_numpy
 from ._flatten import flatten_state_dict
 from ._layout import choose_layout
-from ._metadata import ArrayEntry, array_path, root_document
+from ._metadata import ArrayEntry, array_path, check_unique_paths, root_document
 from ._planning import ArrayPieces, plan_arrays
 from ._sharding import LocalView, describe_leaf, is_tensor_leaf
-from ._storage import (
-    ROOT_METADATA,
-    check_writable,
-    new_staging_dir,
-    publish,
-    remove_tree,
-    sync_tree,
-    write_commit_marker,
-    write_json,
-)
+from ._storage import check_writable, commit, new_staging_dir, remove_tree, sync_tree
 from ._writer import ChunkWrite, write_arrays
 from .errors import DistributedSaveError, InvalidKeyError, UnsupportedValueError
 
@@ -215,14 +205,7 @@ def _build_plan(
         entries.append(
             ArrayEntry(fqn, array_path(fqn, "pickle", checkpoint=path), uint8, layout, "pickle")
         )
-    seen: dict[str, str] = {}
-    for e in entries:
-        if e.path in seen:
-            raise InvalidKeyError(
-                f"keys {seen[e.path]!r} and {e.fqn!r} map to the same array path {e.path!r} "
-                f"in checkpoint {path!r}"
-            )
-        seen[e.path] = e.fqn
+    check_unique_paths(entries, checkpoint=path)
     return entries, writers
 
 
@@ -255,7 +238,7 @@ def save_collective(
             f"writing the checkpoint {path!r}",
         )
 
-        def commit() -> None:
+        def finish() -> None:
             if not comm.is_coordinator:
                 return
             checkpoint_id = uuid.uuid4().hex
@@ -266,11 +249,16 @@ def save_collective(
                 world_size=comm.world_size,
                 extra={**sharding_summary(local), **extra},
             )
-            root_bytes = write_json(os.path.join(staging, ROOT_METADATA), root, fsync=options.fsync)
-            write_commit_marker(staging, root_bytes, checkpoint_id, fsync=options.fsync)
-            publish(staging, path, overwrite=options.overwrite, fsync=options.fsync)
+            commit(
+                staging,
+                path,
+                root,
+                checkpoint_id,
+                overwrite=options.overwrite,
+                fsync=options.fsync,
+            )
 
-        comm.agree(commit, f"committing the checkpoint {path!r}")
+        comm.agree(finish, f"committing the checkpoint {path!r}")
     except BaseException:
         if comm.is_coordinator:
             remove_tree(staging)

@@ -38,6 +38,7 @@ __all__ = [
     "write_json",
     "write_commit_marker",
     "publish",
+    "commit",
     "remove_tree",
     "read_committed_root",
 ]
@@ -176,6 +177,25 @@ def write_commit_marker(
     if fsync:
         _fsync_path(marker_path)
         _fsync_path(staging)
+
+
+def commit(
+    staging: str,
+    path: str,
+    root: dict[str, Any],
+    checkpoint_id: str,
+    *,
+    overwrite: bool,
+    fsync: bool,
+) -> None:
+    """Write the root ``zarr.json`` and the commit marker, then publish ``staging`` at ``path``.
+
+    The last step of every writer (``save``, the DCP plug-in, the converters):
+    the array data must already be in ``staging`` (and durable, with ``fsync``).
+    """
+    root_bytes = write_json(os.path.join(staging, ROOT_METADATA), root, fsync=fsync)
+    write_commit_marker(staging, root_bytes, checkpoint_id, fsync=fsync)
+    publish(staging, path, overwrite=overwrite, fsync=fsync)
 
 
 def remove_tree(path: str) -> None:

@@ -80,21 +80,17 @@ from ._dtypes import info_for_torch, numpy_as_tensor, tensor_as_numpy
 from ._flatten import decode_plain, flatten_state_dict
 from ._fqn import fqn_to_path
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, Region, choose_layout
-from ._metadata import ArrayEntry, parse_entry, root_document
+from ._metadata import ArrayEntry, check_unique_paths, parse_entry, root_document
 from ._planning import ArrayPieces, plan_arrays
 from ._reader import CheckpointFiles, ReadRequest
 from ._save import host_tensor
 from ._storage import (
-    ROOT_METADATA,
-    _fsync_path,
     check_writable,
+    commit,
     is_checkpoint_dir,
     new_staging_dir,
-    publish,
     remove_tree,
     sync_tree,
-    write_commit_marker,
-    write_json,
 )
 from ._writer import ChunkWrite, default_threads, write_arrays
 from .errors import (
@@ -645,24 +641,14 @@ class ZarrStorageWriter(StorageWriter):
         tree = tree_from_leaves(leaves, checkpoint=self.path)
         arrays = {**self._entries, **extra}
         entries = [arrays[fqn] for fqn in dict.fromkeys(_tree_tensors(tree))] + pickled
-        seen: dict[str, str] = {}
-        for e in entries:
-            if e.path in seen:
-                raise InvalidKeyError(
-                    f"keys {seen[e.path]!r} and {e.fqn!r} map to the same array path {e.path!r} "
-                    f"in checkpoint {self.path!r}"
-                )
-            seen[e.path] = e.fqn
+        check_unique_paths(entries, checkpoint=self.path)
         checkpoint_id = uuid.uuid4().hex
         root = root_document(
             tree=tree, entries=entries, checkpoint_id=checkpoint_id, world_size=len(results)
         )
-        root_path = os.path.join(staging, ROOT_METADATA)
-        root_bytes = write_json(root_path, root)
-        if self.fsync:
-            _fsync_path(root_path)
-        write_commit_marker(staging, root_bytes, checkpoint_id, fsync=self.fsync)
-        publish(staging, self.path, overwrite=self.overwrite, fsync=self.fsync)
+        commit(
+            staging, self.path, root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync
+        )
 
 
 def _world_size() -> int:
