@@ -13,7 +13,6 @@ fails or is interrupted leaves the destination as it was.
 from __future__ import annotations
 
 import os
-import pickle
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -26,6 +25,7 @@ import torch
 from . import _chunkio
 from ._chunkio import encode_chunk
 from ._dtypes import info_for_torch
+from ._flatten import pickle_value
 from ._layout import ArrayLayout, choose_layout
 from ._metadata import ArrayEntry, array_path, root_document
 from ._storage import (
@@ -36,7 +36,7 @@ from ._storage import (
     sync_tree,
 )
 from ._writer import _WRITEBACK_MIN_BYTES, write_metadata
-from .errors import InvalidKeyError, UnsupportedValueError
+from .errors import InvalidKeyError
 
 __all__ = ["CheckpointBuilder", "ProgressFn", "ProgressTracker"]
 
@@ -182,12 +182,7 @@ class CheckpointBuilder:
 
     def add_pickled(self, fqn: str, obj: Any) -> None:
         """Store ``obj`` with pickle (the caller checked ``allow_pickle``)."""
-        try:
-            data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-        except Exception as e:
-            raise UnsupportedValueError(
-                f"value at key {fqn!r} for checkpoint {self.path!r} cannot be pickled: {e}"
-            ) from e
+        data = np.frombuffer(pickle_value(fqn, obj, checkpoint=self.path), np.uint8)
         info = info_for_torch(torch.uint8)
         layout = choose_layout(
             (data.size,), 1, chunk_bytes=self.chunk_bytes, inner_bytes=self.inner_chunk_bytes

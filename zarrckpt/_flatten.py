@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidKeyError, UnsafeCheckpointError
+from .errors import InvalidKeyError, UnsafeCheckpointError, UnsupportedValueError
 
 __all__ = ["FlatState", "flatten_state_dict", "is_stateful", "decode_plain", "encode_key"]
 
@@ -157,6 +157,18 @@ def flatten_state_dict(
 
     flat.tree = walk(state_dict, "")
     return flat
+
+
+def pickle_value(fqn: str, obj: Any, *, checkpoint: str) -> bytes:
+    """Pickle a leaf that ``flatten_state_dict`` set aside (``allow_pickle=True``)."""
+    import pickle
+
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise UnsupportedValueError(
+            f"value at key {fqn!r} for checkpoint {checkpoint!r} cannot be pickled: {e}"
+        ) from e
 
 
 def decode_plain(node: JsonNode, resolve: Callable[[str, str], Any]) -> Any:

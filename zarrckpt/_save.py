@@ -13,7 +13,6 @@ rank and nothing is committed):
 
 from __future__ import annotations
 
-import pickle
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 
 from ._collective import Comm
 from ._dtypes import info_for_torch, tensor_as_numpy
-from ._flatten import flatten_state_dict
+from ._flatten import flatten_state_dict, pickle_value
 from ._layout import choose_layout
 from ._metadata import ArrayEntry, array_path, check_unique_paths, root_document
 from ._planning import ArrayPieces, plan_arrays
@@ -123,12 +122,7 @@ def prepare_local(
         sources[fqn] = data
     pickled = {}
     for fqn, obj in flat.pickled.items():
-        try:
-            pickled[fqn] = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as e:
-            raise UnsupportedValueError(
-                f"value at key {fqn!r} for checkpoint {path!r} cannot be pickled: {e}"
-            ) from e
+        pickled[fqn] = pickle_value(fqn, obj, checkpoint=path)
     return LocalState(flat.tree, views, sources, pickled)
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import pickle
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -77,7 +76,7 @@ from torch.futures import Future
 
 from ._dcp_tree import DcpLeaf, dcp_leaves, tree_from_leaves
 from ._dtypes import info_for_torch, numpy_as_tensor, tensor_as_numpy
-from ._flatten import decode_plain, flatten_state_dict
+from ._flatten import decode_plain, flatten_state_dict, pickle_value
 from ._fqn import fqn_to_path
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, Region, choose_layout
 from ._metadata import ArrayEntry, check_unique_paths, parse_entry, root_document
@@ -549,12 +548,7 @@ class ZarrStorageWriter(StorageWriter):
             writes.extend(ChunkWrite(entry, idx, source, origin) for idx in layout.chunk_indices())
         uint8 = info_for_torch(torch.uint8)
         for pfqn, obj in flat.pickled.items():
-            try:
-                data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-            except Exception as e:
-                raise UnsupportedValueError(
-                    f"value at key {pfqn!r} for checkpoint {self.path!r} cannot be pickled: {e}"
-                ) from e
+            data = np.frombuffer(pickle_value(pfqn, obj, checkpoint=self.path), np.uint8)
             layout = choose_layout(
                 (data.size,), 1, chunk_bytes=self.chunk_bytes, inner_bytes=self.inner_chunk_bytes
             )
