@@ -1,6 +1,7 @@
 """Measure single-process workloads against several systems (run as a subprocess).
 
-``python -m benchmarks._worker SPEC.json`` builds each workload in turn, then for each
+``python -m benchmarks._worker SPEC.json`` builds each workload in turn (the async
+workload is measured by :func:`benchmarks.async_save.run`), then for each
 operation runs ``repeats`` timed rounds (preceded by ``warmup`` untimed rounds
 for the first save and the first load operation); in every round each system
 runs once, in an order rotated from round to round, so that noise from the
@@ -154,7 +155,7 @@ def _timed(series: _Series, warm: bool, fn: Any, *args: Any) -> Any:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the measurements described by ``spec``; return the JSON-able result."""
     name = spec["workload"]
-    systems = [SYSTEMS[s] for s in spec["systems"]]
+    systems = [SYSTEMS[s] for s in spec["systems"] if "single" in SYSTEMS[s].kinds]
     for system in systems:
         for module in system.modules:
             importlib.import_module(module)
@@ -195,7 +196,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 os.sync()
                 try:
                     _, dt = _timed(
-                        ser, rnd < warm, system.save, wl, path, op == "save_fsync",
+                        ser,
+                        rnd < warm,
+                        system.save,
+                        wl,
+                        path,
+                        op == "save_fsync",
                         options.get(system.name, {}),
                     )
                     _log(f"[{name}] {op} {rnd + 1}/{warm + repeats} {system.name}: {dt:.3f}s")
@@ -265,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         spec = json.load(f)
+    from . import async_save
+
     results = []
     for name in spec["workloads"]:
-        results.append(run({**spec, "workload": name}))
+        measure = async_save.run if WORKLOADS[name].kind == "async" else run
+        results.append(measure({**spec, "workload": name}))
         gc.unfreeze()  # let the finished workload's objects go
         gc.collect()
     with open(spec["output"], "w") as f:

@@ -6,6 +6,7 @@ Usage::
     python -m benchmarks --quick         # small sizes (< 60 s)
     python -m benchmarks --only b --out bench-out/b
     python -m benchmarks --quick --tiny  # seconds; used by the test suite
+    python -m benchmarks --only d2,d4,e  # the distributed workloads only
 
 Workloads are measured in subprocesses (one per workload in the full run, one
 for all of them with ``--quick``; ``--isolate system`` gives each (workload,
@@ -31,13 +32,18 @@ from typing import Any
 
 from . import report
 from ._worker import OPS, TRASH
+from .async_save import ASYNC_OPS
+from .distributed import RESHARD_OPS
 from .systems import SYSTEMS
 from .workloads import WORKLOADS, resolve_workload
 
-__all__ = ["main", "MODES", "RUNNERS"]
+__all__ = ["main", "MODES", "RUNNERS", "ALL_OPS"]
+
+#: every operation a runner measures
+ALL_OPS = OPS + RESHARD_OPS + ASYNC_OPS
 
 #: mode -> (workload size, warm-up rounds, timed repetitions)
-MODES = {"full": ("full", 1, 4), "quick": ("quick", 1, 3), "tiny": ("tiny", 1, 2)}
+MODES = {"full": ("full", 1, 3), "quick": ("quick", 1, 2), "tiny": ("tiny", 1, 2)}
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,8 +52,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _spawn(spec: dict[str, Any], workdir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run one worker subprocess; return its outputs (one per workload) and its record."""
+def _spawn(
+    spec: dict[str, Any], workdir: str, module: str = "benchmarks._worker"
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one worker subprocess (``python -m module SPEC``); return its outputs
+    (one per workload) and its record."""
     tag = f"{'+'.join(spec['workloads'])}-{'+'.join(spec['systems'])}"[:80]
     spec_path = os.path.join(workdir, f"{tag}.spec.json")
     spec["output"] = os.path.join(workdir, f"{tag}.out.json")
@@ -56,7 +65,7 @@ def _spawn(spec: dict[str, Any], workdir: str) -> tuple[list[dict[str, Any]], di
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks._worker", spec_path], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", module, spec_path], env=env)
     _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     record = {
@@ -94,8 +103,20 @@ def run_single(
                 yield _spawn({**spec, "workloads": [w], "systems": [s]}, workdir)
 
 
-#: workload kind -> runner; distributed workloads add their own
-RUNNERS: dict[str, Runner] = {"single": run_single}
+def run_distributed(
+    spec: dict[str, Any], isolate: str, workdir: str
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """Runner of distributed workloads: one subprocess (:mod:`benchmarks.distributed`)
+    that spawns the gloo process groups; ``isolate`` does not apply."""
+    yield _spawn(spec, workdir, "benchmarks.distributed")
+
+
+#: workload kind -> runner (the single-process worker also runs the async workload)
+RUNNERS: dict[str, Runner] = {
+    "single": run_single,
+    "async": run_single,
+    "distributed": run_distributed,
+}
 
 
 def _merge(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,10 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         default=[],
-        help="workload name or alias (a, b, c); repeatable or comma-separated",
+        help="workload name or alias (a, b, c, d2, d4, e, f); repeatable or comma-separated",
     )
     p.add_argument("--systems", default="", help="comma-separated subset of systems")
-    p.add_argument("--ops", default="", help=f"comma-separated subset of {', '.join(OPS)}")
+    p.add_argument("--ops", default="", help=f"comma-separated subset of {', '.join(ALL_OPS)}")
     p.add_argument("--repeats", type=int, help="timed repetitions (default by mode)")
     p.add_argument("--warmup", type=int, help="warm-up rounds (default 1)")
     p.add_argument("--data-dir", help="where checkpoints are written (default OUT/_data)")
@@ -208,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
-    ops = [o for o in args.ops.split(",") if o] or list(OPS)
+    ops = [o for o in args.ops.split(",") if o] or list(ALL_OPS)
     isolate = args.isolate or ("workload" if mode == "full" else "run")
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
@@ -237,19 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="specs-", dir=data_dir) as workdir:
-            kinds = dict.fromkeys(WORKLOADS[w].kind for w in workloads)
-            for kind in kinds:
+            by_runner: dict[Runner, list[str]] = {}
+            for w in workloads:
+                by_runner.setdefault(RUNNERS[WORKLOADS[w].kind], []).append(w)
+            for runner, members in by_runner.items():
+                kinds = {WORKLOADS[w].kind for w in members}
                 spec = {
-                    "workloads": [w for w in workloads if WORKLOADS[w].kind == kind],
+                    "workloads": members,
                     "size": size,
-                    "systems": systems,
+                    "systems": [s for s in systems if kinds & set(SYSTEMS[s].kinds)],
                     "ops": ops,
                     "warmup": warmup,
                     "repeats": repeats,
                     "data_dir": data_dir,
                     "options": meta["options"],
                 }
-                for outs, record in RUNNERS[kind](spec, isolate, workdir):
+                for outs, record in runner(spec, isolate, workdir):
                     outputs.extend(outs)
                     processes.append(record)
                     _log(

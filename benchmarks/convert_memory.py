@@ -82,11 +82,7 @@ def prepare(workdir: str, total_gib: float) -> dict[str, Any]:
     state = make_state(total_gib)
     torch.save(state, os.path.join(workdir, "src.pt"))
     dcp.save(state, checkpoint_id=os.path.join(workdir, "src_dcp"), no_dist=True)
-    flat = {
-        f"{group}.{k}": v
-        for group in ("model", "buffers")
-        for k, v in state[group].items()
-    }
+    flat = {f"{group}.{k}": v for group in ("model", "buffers") for k, v in state[group].items()}
     save_file(flat, os.path.join(workdir, "src.safetensors"))
     tensors = [v for g in ("model", "buffers") for v in state[g].values()]
     return {
@@ -146,9 +142,10 @@ def _check(workdir: str, dst: str, kind: str) -> bool:
         return all(torch.equal(ckpt.read(k), v) for k, v in expected.items())
     if kind == "torch":
         got = torch.load(path, mmap=True, weights_only=True)
-        return all(
-            torch.equal(got[g][k], v) for g in ("model", "buffers") for k, v in src[g].items()
-        ) and got["optim"] == src["optim"]
+        return (
+            all(torch.equal(got[g][k], v) for g in ("model", "buffers") for k, v in src[g].items())
+            and got["optim"] == src["optim"]
+        )
     if kind == "safetensors":
         from safetensors import safe_open
 
@@ -210,9 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name, function, src, dst in RUNS:
             proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.convert_memory", "--child", function,
-                 os.path.join(workdir, src), os.path.join(workdir, dst)],
-                capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.convert_memory",
+                    "--child",
+                    function,
+                    os.path.join(workdir, src),
+                    os.path.join(workdir, dst),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.dirname(__file__)),
             )
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -221,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             ok = _check(workdir, dst, _kind(dst))
             rows.append((name, result["peak"], result["baseline"], result["seconds"], ok))
-            print(f"{name}: peak {result['peak'] / MiB:.0f} MiB, "
-                  f"{result['seconds']:.1f} s, bit-exact {ok}", flush=True)
+            print(
+                f"{name}: peak {result['peak'] / MiB:.0f} MiB, "
+                f"{result['seconds']:.1f} s, bit-exact {ok}",
+                flush=True,
+            )
         lines = [
             f"Checkpoint: {info['total_bytes'] / GiB:.2f} GiB in {info['tensors']} tensors; "
             f"largest tensor {largest / MiB:.0f} MiB; target peak RSS <= largest + 512 MiB "

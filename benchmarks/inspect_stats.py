@@ -106,8 +106,9 @@ def _run(code: str, *args: str, single_thread: bool = False) -> dict[str, Any]:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if single_thread:
         env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark step failed:\n{proc.stderr[-4000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -135,32 +136,49 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, pt = os.path.join(root, "ckpt"), os.path.join(root, "ckpt.pt")
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _MAKE, str(args.size_gib), ckpt, pt],
-                              capture_output=True, text=True, check=False,
-                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        proc = subprocess.run(
+            [sys.executable, "-c", _MAKE, str(args.size_gib), ckpt, pt],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
         if proc.returncode != 0:
             raise SystemExit(f"writing the checkpoint failed:\n{proc.stderr[-4000:]}")
         nbytes, ntensors = map(int, proc.stdout.split())
-        print(f"wrote {nbytes / 2**30:.2f} GiB in {ntensors} tensors "
-              f"(zarrckpt + torch.save) in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"wrote {nbytes / 2**30:.2f} GiB in {ntensors} tensors "
+            f"(zarrckpt + torch.save) in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
         load_before = os.getloadavg()[0]
         ours = _run(_ZARRCKPT, ckpt)
         base = _run(_NUMPY, pt, single_thread=True)
-        print(f"machine: {os.cpu_count()} cores, 1-min load average {load_before:.1f} before "
-              f"and {os.getloadavg()[0]:.1f} after the measurements (other jobs compete)")
+        print(
+            f"machine: {os.cpu_count()} cores, 1-min load average {load_before:.1f} before "
+            f"and {os.getloadavg()[0]:.1f} after the measurements (other jobs compete)"
+        )
         rows = [("zarrckpt stats (dask)", ours), ("numpy loop over torch.load", base)]
-        print(f"\n{'':28} {'wall s':>8} {'cpu s':>8} {'cpu/wall':>9} {'peak RSS MiB':>13}"
-              f" {'GiB/s':>7}")
+        print(
+            f"\n{'':28} {'wall s':>8} {'cpu s':>8} {'cpu/wall':>9} {'peak RSS MiB':>13}"
+            f" {'GiB/s':>7}"
+        )
         for name, r in rows:
-            print(f"{name:28} {r['wall']:8.2f} {r['cpu']:8.2f} {r['cpu'] / r['wall']:9.2f} "
-                  f"{r['maxrss_kib'] / 1024:13.0f} {nbytes / 2**30 / r['wall']:7.2f}")
-        print(f"\nzarrckpt: {ours['tasks']} dask tasks on {ours['threads']} threads, "
-              f"{ours['concurrency']:.2f} running on average (task time / wall time)")
+            print(
+                f"{name:28} {r['wall']:8.2f} {r['cpu']:8.2f} {r['cpu'] / r['wall']:9.2f} "
+                f"{r['maxrss_kib'] / 1024:13.0f} {nbytes / 2**30 / r['wall']:7.2f}"
+            )
+        print(
+            f"\nzarrckpt: {ours['tasks']} dask tasks on {ours['threads']} threads, "
+            f"{ours['concurrency']:.2f} running on average (task time / wall time)"
+        )
         worst = _max_rel_diff(ours["stats"], base["stats"])
-        print(f"\nspeed-up {base['wall'] / ours['wall']:.2f}x; peak RSS "
-              f"{ours['maxrss_kib'] / 1024:.0f} MiB vs {base['maxrss_kib'] / 1024:.0f} MiB; "
-              f"largest relative difference between the two statistics: {worst:.1e}")
+        print(
+            f"\nspeed-up {base['wall'] / ours['wall']:.2f}x; peak RSS "
+            f"{ours['maxrss_kib'] / 1024:.0f} MiB vs {base['maxrss_kib'] / 1024:.0f} MiB; "
+            f"largest relative difference between the two statistics: {worst:.1e}"
+        )
         summary = {
             "bytes": nbytes,
             "tensors": ntensors,

@@ -20,7 +20,9 @@ from .systems import RAW, SYSTEMS
 
 __all__ = [
     "Target",
+    "BoundTarget",
     "TARGETS",
+    "BOUND_TARGETS",
     "summarize",
     "evaluate_targets",
     "build_results",
@@ -33,6 +35,10 @@ OP_LABELS = {
     "save_nofsync": "save (no fsync)",
     "load_warm": "load (warm cache)",
     "load_cold": "load (cold cache)",
+    "load_4to2": "load 4 -> 2 ranks (warm)",
+    "load_2to4": "load 2 -> 4 ranks (warm)",
+    "async_blocked": "async: caller blocked",
+    "async_total": "async: until durable",
 }
 
 
@@ -77,6 +83,49 @@ TARGETS: tuple[Target, ...] = (
         0.5,
         ("small_tensors",),
     ),
+    Target(
+        "async_blocked_vs_clone",
+        "(f) async_save caller blocked <= 1.2x a plain host copy (clone)",
+        "async_blocked",
+        "host_clone",
+        1 / 1.2,
+        ("async_save",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class BoundTarget:
+    """zarrckpt's ``metric`` (from the row's ``metrics``) must be ``<= max_value``;
+    the reference system's value is reported beside it."""
+
+    key: str
+    text: str
+    op: str
+    metric: str
+    max_value: float
+    reference: str = "dcp"
+    workloads: tuple[str, ...] | None = None
+    system: str = "zarrckpt"
+
+
+BOUND_TARGETS: tuple[BoundTarget, ...] = (
+    BoundTarget(
+        "reshard_4to2_read",
+        "(e) 4 -> 2 resharding: bytes read <= 1.1x bytes needed (max over ranks)",
+        "load_4to2",
+        "read_amplification",
+        1.1,
+        workloads=("reshard",),
+    ),
+    BoundTarget(
+        "reshard_2to4_read",
+        "(e) 2 -> 4 resharding: bytes read <= 1.1x bytes needed (max over ranks)",
+        "load_2to4",
+        "read_amplification",
+        1.1,
+        workloads=("reshard",),
+    ),
 )
 
 
@@ -94,6 +143,7 @@ def summarize(measurement: dict[str, Any], nbytes: int) -> dict[str, Any]:
         "max_s": max(times) if times else None,
         "error": measurement.get("error"),
         "verified_loads": measurement.get("verified_loads", 0),
+        "metrics": measurement.get("metrics") or {},
     }
     out["gbps"] = nbytes / out["median_s"] / 1e9 if times else None
     peak = measurement.get("peak_rss_kb") or []
@@ -180,6 +230,22 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": None if speedup is None else speedup >= target.min_speedup,
                 }
             )
+    for bound in BOUND_TARGETS:
+        for workload in results["workloads"]:
+            if bound.workloads is not None and workload not in bound.workloads:
+                continue
+            mine = lookup(results, workload, bound.system, bound.op)
+            ref = lookup(results, workload, bound.reference, bound.op)
+            value = None if mine is None else mine["metrics"].get(bound.metric)
+            out.append(
+                {
+                    **asdict(bound),
+                    "workload": workload,
+                    "value": value,
+                    "reference_value": None if ref is None else ref["metrics"].get(bound.metric),
+                    "met": None if value is None else value <= bound.max_value,
+                }
+            )
     return out
 
 
@@ -204,6 +270,55 @@ def _fmt_mb(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
 
 
+def workload_ops(results: dict[str, Any], workload: str) -> list[str]:
+    """The operations measured for ``workload``, in :data:`OP_LABELS` order."""
+    measured = {r["op"] for r in results["results"] if r["workload"] == workload}
+    return [op for op in OP_LABELS if op in measured]
+
+
+def _bytes_read_lines(results: dict[str, Any], workload: str, ops: list[str]) -> list[str]:
+    """Per-rank bytes read vs needed of the resharding loads, if any."""
+    lines: list[str] = []
+    for op in ops:
+        for system in results["systems"]:
+            r = lookup(results, workload, system, op)
+            if r is None or "bytes_needed" not in r["metrics"]:
+                continue
+            if not lines:
+                lines = [
+                    "",
+                    "| load | system | bytes read per rank | bytes needed per rank "
+                    "| read / needed (max) |",
+                    "|---|---|---|---|---|",
+                ]
+            m = r["metrics"]
+            lines.append(
+                f"| {OP_LABELS[op]} | {results['systems'][system]['label']} | "
+                f"{', '.join(f'{b / 2**20:.1f} MiB' for b in m['bytes_read'])} | "
+                f"{', '.join(f'{b / 2**20:.1f} MiB' for b in m['bytes_needed'])} | "
+                f"{m['read_amplification']:.3f} |"
+            )
+    return lines
+
+
+def _target_line(t: dict[str, Any]) -> str:
+    met = "n/a" if t["met"] is None else "yes" if t["met"] else "NO"
+    if "metric" in t:  # a bound on a measured ratio
+        value = "" if t["value"] is None else f"{t['value']:.3f}"
+        ref = "" if t["reference_value"] is None else f"{t['reference']} {t['reference_value']:.3f}"
+        return (
+            f"| {t['workload']} | {t['text']} | {value} | {ref} | {value} | "
+            f"<= {t['max_value']} | {met} |"
+        )
+    if t["speedup"] is None:
+        return f"| {t['workload']} | {t['text']} | | | n/a | >= {t['min_speedup']:.2f}x | {met} |"
+    return (
+        f"| {t['workload']} | {t['text']} | {t['system_median_s']:.3f} s | "
+        f"{t['reference']} {t['reference_median_s']:.3f} s | {t['speedup']:.2f}x | "
+        f">= {t['min_speedup']:.2f}x | {met} |"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     """results.md: one table per workload, then the targets."""
     meta = results["meta"]
@@ -220,41 +335,35 @@ def markdown(results: dict[str, Any]) -> str:
         "same op (1.0 = as fast as the bound). RSS: peak MB above the RSS before the op.",
         "",
     ]
-    ops = list(OP_LABELS)
     for workload, info in results["workloads"].items():
+        ops = workload_ops(results, workload)
         lines += [
             f"## {workload}: {info['description']}",
             "",
             f"{info['nbytes'] / 1e6:.1f} MB in {info['n_tensors']} tensors.",
             "",
-            "| system | " + " | ".join(OP_LABELS[o] for o in ops) + " | extra RSS MB save / load |",
+            "| system | " + " | ".join(OP_LABELS[o] for o in ops) + " | peak extra RSS MB |",
             "|---|" + "---|" * (len(ops) + 1),
         ]
         for system in results["systems"]:
-            cells = [_fmt_cell(lookup(results, workload, system, op)) for op in ops]
+            rows = [lookup(results, workload, system, op) for op in ops]
+            cells = [_fmt_cell(r) for r in rows]
             if not any(cells):
                 continue
-            save = lookup(results, workload, system, "save_fsync")
-            load = lookup(results, workload, system, "load_warm")
-            rss = f"{_fmt_mb(_get(save, 'extra_rss_mb'))} / {_fmt_mb(_get(load, 'extra_rss_mb'))}"
+            rss = max((r["extra_rss_mb"] or 0 for r in rows if r), default=None)
             label = results["systems"][system]["label"]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {rss} |")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt_mb(rss)} |")
+        lines += _bytes_read_lines(results, workload, ops)
         lines.append("")
     lines += [
         "## Targets (zarrckpt, medians of this run)",
         "",
-        "| workload | target | zarrckpt s | reference s | speedup | needed | met |",
+        "| workload | target | zarrckpt | reference | result | needed | met |",
         "|---|---|---|---|---|---|---|",
     ]
     for t in results["targets"]:
-        if t["speedup"] is None:
-            lines.append(f"| {t['workload']} | {t['text']} | | | n/a | {t['min_speedup']} | n/a |")
-            continue
-        lines.append(
-            f"| {t['workload']} | {t['text']} | {t['system_median_s']:.3f} | "
-            f"{t['reference_median_s']:.3f} | {t['speedup']:.2f}x | >= {t['min_speedup']}x | "
-            f"{'yes' if t['met'] else 'NO'} |"
-        )
+        if t["met"] is not None:  # targets whose two sides this run did not measure are left out
+            lines.append(_target_line(t))
     errors = [r for r in results["results"] if r.get("error")]
     if errors:
         lines += ["", "## Failures", ""]
@@ -276,8 +385,8 @@ def charts(results: dict[str, Any], out_dir: str) -> list[str]:
 
     written = []
     systems = list(results["systems"])
-    ops = list(OP_LABELS)
     for workload, info in results["workloads"].items():
+        ops = workload_ops(results, workload)
         fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
         width = 0.8 / max(1, len(systems))
         for k, system in enumerate(systems):
@@ -288,8 +397,9 @@ def charts(results: dict[str, Any], out_dir: str) -> list[str]:
             label = results["systems"][system]["label"]
             axes[0].bar(xs, gbps, width, label=label)
             axes[1].bar(xs, ratio, width, label=label)
-        for ax, title in zip(axes, ("throughput (GB/s, median)", "ratio to raw numpy bound"),
-                             strict=True):
+        for ax, title in zip(
+            axes, ("throughput (GB/s, median)", "ratio to raw numpy bound"), strict=True
+        ):
             ax.set_xticks(range(len(ops)), [OP_LABELS[o] for o in ops], fontsize=8)
             ax.set_title(title, fontsize=10)
             ax.grid(axis="y", alpha=0.3)

@@ -50,6 +50,8 @@ class System:
     note: str = ""
     #: modules imported before measuring (imports never land in a timing)
     modules: tuple[str, ...] = ()
+    #: workload kinds that measure this system (see ``benchmarks.workloads``)
+    kinds: tuple[str, ...] = ("single",)
 
     @property
     def source(self) -> str:
@@ -129,6 +131,36 @@ register_system(
         _zarrckpt_load,
         note="zarrckpt.save(sd, dir, fsync=...) / zarrckpt.load(sd, dir) in place, defaults",
         modules=("zarrckpt",),
+        kinds=("single", "distributed", "async"),
+    )
+)
+
+
+def _plugin_save(wl: Workload, path: str, fsync: bool, options: Mapping[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from zarrckpt import ZarrStorageWriter
+
+    dcp.save(wl.state_dict, storage_writer=ZarrStorageWriter(path, fsync=fsync))
+
+
+def _plugin_load(wl: Workload, path: str, options: Mapping[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from zarrckpt import ZarrStorageReader
+
+    dcp.load(wl.state_dict, storage_reader=ZarrStorageReader(path))
+
+
+register_system(
+    System(
+        "zarrckpt_dcp",
+        "zarrckpt DCP plug-in",
+        _plugin_save,
+        _plugin_load,
+        note="dcp.save(sd, storage_writer=ZarrStorageWriter(dir, fsync=...)) / "
+        "dcp.load(sd, storage_reader=ZarrStorageReader(dir)): DCP's planners, zarrckpt's format",
+        modules=("zarrckpt", "torch.distributed.checkpoint"),
     )
 )
 
@@ -193,8 +225,9 @@ register_system(
         _dcp_save,
         _dcp_load,
         note="torch.distributed.checkpoint save/load, FileSystemWriter(sync_files=fsync) "
-        "defaults, no process group",
+        "defaults, no process group (distributed workloads: the gloo group)",
         modules=("torch.distributed.checkpoint",),
+        kinds=("single", "distributed", "async"),
     )
 )
 
@@ -316,6 +349,28 @@ register_system(
         _raw_load,
         note="the same bytes as one file: ndarray.tofile per tensor [+ os.fsync]; "
         "read back sequentially, single-threaded, with readinto straight into the model's "
-        "tensors (np.fromfile without its allocation)",
+        "tensors (np.fromfile without its allocation); distributed: one such file per rank",
+        kinds=("single", "distributed"),
+    )
+)
+
+# --------------------------------------------------------------------------- async baselines
+# Measured by the async workload only (benchmarks.async_save): what a training loop
+# pays to snapshot its state without any checkpoint library.
+
+register_system(
+    System(
+        "host_clone",
+        "plain host copy (clone)",
+        note="{fqn: t.clone()} of every tensor: a plain host copy of the state, fresh memory",
+        kinds=("async",),
+    )
+)
+register_system(
+    System(
+        "host_copy",
+        "host copy into preallocated buffers",
+        note="buffer.copy_(t) of every tensor into buffers allocated once beforehand",
+        kinds=("async",),
     )
 )

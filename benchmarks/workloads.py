@@ -7,7 +7,10 @@ leaves flattened by FQN for the flat formats (safetensors, tensorstore, the
 raw numpy bound). Data is generated from a fixed seed.
 
 Add a workload with :func:`register_workload`; ``kind`` names the runner that
-measures it (``"single"``: one process, see :mod:`benchmarks._worker`).
+measures it: ``"single"`` (one process, :mod:`benchmarks._worker`),
+``"async"`` (one process, :mod:`benchmarks.async_save`) or ``"distributed"``
+(gloo process groups, :mod:`benchmarks.distributed`; its builder returns a
+:class:`ShardedWorkload`, the recipe every rank builds its shards from).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 __all__ = [
     "Workload",
+    "ShardedWorkload",
     "WorkloadSpec",
     "WORKLOADS",
     "ALIASES",
@@ -79,12 +83,50 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class ShardedWorkload:
+    """A distributed workload: fp32 matrices sharded on dim 0 (FSDP2 ``Shard(0)``).
+
+    Every rank builds its own shards from ``shapes`` (values are a fixed
+    function of the tensor index, so any rank can compute any slice).
+
+    Attributes
+    ----------
+    name, description
+        Registry name and one-line description.
+    shapes
+        Global shape of each tensor (``layers.{i}.weight``).
+    world_sizes
+        Process counts: one for an FSDP2 save/load workload, ``(source,
+        target)`` pairs' members for the resharding workload.
+    """
+
+    name: str
+    description: str
+    shapes: tuple[tuple[int, int], ...]
+    world_sizes: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r * c * 4 for r, c in self.shapes)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "nbytes": self.nbytes,
+            "n_tensors": len(self.shapes),
+            "bytes_by_dtype": {"float32": self.nbytes},
+            "world_sizes": list(self.world_sizes),
+        }
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """A registered workload: name, description, builder and runner kind."""
 
     name: str
     description: str
-    build: Callable[[str], Workload]
+    build: Callable[[str], Any]
     kind: str = "single"
 
 
@@ -94,10 +136,11 @@ ALIASES: dict[str, str] = {}
 
 def register_workload(
     name: str, description: str, *, alias: str | None = None, kind: str = "single"
-) -> Callable[[Callable[[str], Workload]], Callable[[str], Workload]]:
-    """Decorator registering ``builder(size) -> Workload`` under ``name``."""
+) -> Callable[[Callable[[str], Any]], Callable[[str], Any]]:
+    """Decorator registering ``builder(size) -> Workload`` (``ShardedWorkload``
+    for distributed workloads) under ``name``."""
 
-    def deco(builder: Callable[[str], Workload]) -> Callable[[str], Workload]:
+    def deco(builder: Callable[[str], Any]) -> Callable[[str], Any]:
         WORKLOADS[name] = WorkloadSpec(name, description, builder, kind)
         if alias:
             ALIASES[alias] = name
@@ -148,7 +191,7 @@ def _rand(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> t
 _LARGE = {
     # size: (fp32 count, fp32 shape, bf16 count, bf16 shape)
     "full": (6, (8192, 8192), 4, (8192, 8192)),  # 1.5 GiB fp32 + 0.5 GiB bf16
-    "quick": (3, (4096, 4096), 2, (4096, 4096)),  # 192 MiB + 64 MiB
+    "quick": (3, (2048, 4096), 2, (2048, 4096)),  # 96 MiB + 32 MiB
     "tiny": (3, (512, 512), 2, (512, 512)),  # 3 MiB + 1 MiB
 }
 
@@ -177,11 +220,13 @@ def large_tensors(size: str) -> Workload:
 
 # --------------------------------------------------------------------------- (b)
 
-_SMALL = {"full": 1000, "quick": 1000, "tiny": 50}
+_SMALL = {"full": 1000, "quick": 500, "tiny": 50}
 
 
 @register_workload(
-    "small_tensors", "1,000 fp32 tensors of 16 KiB each (the issue's target)", alias="b"
+    "small_tensors",
+    "fp32 tensors of 16 KiB each (full: 1,000, the issue's target; quick 500)",
+    alias="b",
 )
 def small_tensors(size: str) -> Workload:
     """(b) Many small 1-D tensors (biases, norms): 16 KiB each."""
@@ -250,4 +295,78 @@ def transformer_adam(size: str) -> Workload:
         f"GPT vocab={vocab} d={d} layers={layers}: {n_params / 1e6:.1f} M params + Adam "
         f"({wl.n_tensors} tensors, {wl.nbytes >> 20} MiB)"
     )
+    return wl
+
+
+# --------------------------------------------------------------------------- (d), (e)
+
+_SHARDED = {
+    # size: (rows, cols, count) of fp32 matrices; the last one has 3 extra rows so
+    # that its shards are uneven (ceil(n/k) boundaries)
+    "full": (4096, 2048, 32),  # 1 GiB
+    "quick": (2048, 2048, 4),  # 64 MiB
+    "tiny": (512, 4096, 4),  # 32 MiB
+}
+
+
+def _sharded_shapes(size: str, fraction: int = 1) -> tuple[tuple[int, int], ...]:
+    rows, cols, count = _SHARDED[size]
+    count = max(2, count // fraction)
+    return tuple((rows, cols) for _ in range(count - 1)) + ((rows + 3, cols),)
+
+
+def _sharded(name: str, size: str, world_sizes: tuple[int, ...], what: str) -> ShardedWorkload:
+    shapes = _sharded_shapes(size, 4 if name == "reshard" else 1)
+    mib = sum(r * c * 4 for r, c in shapes) / (1 << 20)
+    return ShardedWorkload(
+        name, f"{what}: {len(shapes)} fp32 matrices, {mib:.0f} MiB", shapes, world_sizes
+    )
+
+
+@register_workload(
+    "fsdp2_2ranks",
+    "FSDP2 (Shard(0) DTensors) save/load on 2 gloo processes (full 1 GiB)",
+    alias="d2",
+    kind="distributed",
+)
+def fsdp2_2ranks(size: str) -> ShardedWorkload:
+    """(d) FSDP2 state saved and loaded by 2 processes."""
+    return _sharded("fsdp2_2ranks", size, (2,), "FSDP2 Shard(0) on 2 gloo processes")
+
+
+@register_workload(
+    "fsdp2_4ranks",
+    "FSDP2 (Shard(0) DTensors) save/load on 4 gloo processes (full 1 GiB)",
+    alias="d4",
+    kind="distributed",
+)
+def fsdp2_4ranks(size: str) -> ShardedWorkload:
+    """(d) FSDP2 state saved and loaded by 4 processes."""
+    return _sharded("fsdp2_4ranks", size, (4,), "FSDP2 Shard(0) on 4 gloo processes")
+
+
+@register_workload(
+    "reshard",
+    "resharding loads 4 -> 2 and 2 -> 4 ranks: time and bytes read per rank (full 256 MiB)",
+    alias="e",
+    kind="distributed",
+)
+def reshard(size: str) -> ShardedWorkload:
+    """(e) Checkpoints saved by 4 (2) ranks loaded by 2 (4) ranks."""
+    return _sharded("reshard", size, (4, 2), "saved by 4 / 2 ranks, loaded by 2 / 4")
+
+
+# --------------------------------------------------------------------------- (f)
+
+
+@register_workload(
+    "async_save",
+    "async_save of (c)'s model + Adam: time the caller is blocked vs a host copy",
+    alias="f",
+    kind="async",
+)
+def async_save(size: str) -> Workload:
+    """(f) The transformer + Adam state of (c), saved in the background."""
+    wl = transformer_adam(size)
+    wl.name = "async_save"
     return wl

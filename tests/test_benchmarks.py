@@ -24,6 +24,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repos
 from benchmarks import report  # noqa: E402
 from benchmarks._worker import LOAD_OPS, SAVE_OPS  # noqa: E402
 from benchmarks._worker import run as run_worker  # noqa: E402
+from benchmarks.async_save import ASYNC_OPS  # noqa: E402
+from benchmarks.distributed import RESHARD_OPS  # noqa: E402
 from benchmarks.systems import RAW, SYSTEMS, System, register_system  # noqa: E402
 from benchmarks.workloads import WORKLOADS  # noqa: E402
 
@@ -55,27 +57,72 @@ def _row(results: dict[str, Any], workload: str, system: str, op: str) -> dict[s
     return rows[0]
 
 
+def _expected_ops(kind: str, workload: str, system: System) -> tuple[str, ...]:
+    """The operations the runner of ``kind`` measures for ``system``."""
+    if kind == "single":
+        return (SAVE_OPS if system.save else ()) + (LOAD_OPS if system.load else ())
+    if kind == "async":
+        return ASYNC_OPS if system.name in ("zarrckpt", "dcp") else ASYNC_OPS[:1]
+    if workload == "reshard":
+        return RESHARD_OPS if system.name != RAW else ()
+    return SAVE_OPS + LOAD_OPS
+
+
 def test_every_system_and_workload_is_measured(tiny_run: tuple[Path, dict[str, Any]]) -> None:
     _, results = tiny_run
     assert set(results["workloads"]) == set(WORKLOADS)
     assert set(results["systems"]) == set(SYSTEMS)
     repeats = results["meta"]["repeats"]
     warmup = results["meta"]["warmup"]
-    for workload in WORKLOADS:
+    measured = {(r["workload"], r["system"], r["op"]) for r in results["results"]}
+    expected = set()
+    for workload, spec in WORKLOADS.items():
         for name, system in SYSTEMS.items():
-            ops = (SAVE_OPS if system.save else ()) + (LOAD_OPS if system.load else ())
-            assert ops, name
+            if spec.kind not in system.kinds:
+                continue
+            ops = _expected_ops(spec.kind, workload, system)
             for op in ops:
+                expected.add((workload, name, op))
                 row = _row(results, workload, name, op)
                 assert row["error"] is None, row["error"]
                 assert row["n"] == repeats == len(row["times_s"])
                 assert all(t > 0 for t in row["times_s"])
                 assert row["peak_rss_mb"] is not None and row["peak_rss_mb"] > 0
-                # warm-up rounds precede the first save and the first load operation
-                first = op in (SAVE_OPS[0], LOAD_OPS[0])
-                assert len(row["warmup_s"]) == (warmup if first else 0)
-                if op in LOAD_OPS:  # every round (warm-up included) was verified
+                if op in LOAD_OPS + RESHARD_OPS:  # every round (warm-up included) verified
                     assert row["verified_loads"] == len(row["warmup_s"]) + repeats
+                if spec.kind == "async" and name in ("zarrckpt", "dcp"):
+                    assert row["verified_loads"] == 1  # the saved checkpoint loads bit-exact
+                if spec.kind == "single":
+                    # warm-up rounds precede the first save and the first load operation
+                    first = op in (SAVE_OPS[0], LOAD_OPS[0])
+                    assert len(row["warmup_s"]) == (warmup if first else 0)
+    assert measured == expected
+
+
+def test_async_rows_time_the_caller_and_the_whole_save(
+    tiny_run: tuple[Path, dict[str, Any]],
+) -> None:
+    _, results = tiny_run
+    for system in ("zarrckpt", "dcp"):
+        blocked = _row(results, "async_save", system, "async_blocked")["times_s"]
+        total = _row(results, "async_save", system, "async_total")["times_s"]
+        assert all(b <= t for b, t in zip(blocked, total, strict=True))
+
+
+def test_resharding_reads_only_what_it_needs(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    """zarrckpt reads ~ the bytes each rank needs; DCP reads whole stored pieces 2 -> 4."""
+    _, results = tiny_run
+    for op, world in (("load_4to2", 2), ("load_2to4", 4)):
+        mine = _row(results, "reshard", "zarrckpt", op)["metrics"]
+        theirs = _row(results, "reshard", "dcp", op)["metrics"]
+        assert len(theirs["bytes_read"]) == world
+        assert len(mine["bytes_read"]) == len(mine["bytes_needed"]) == world
+        assert sum(mine["bytes_needed"]) == results["workloads"]["reshard"]["nbytes"]
+        assert mine["read_amplification"] == max(
+            r / n for r, n in zip(mine["bytes_read"], mine["bytes_needed"], strict=True)
+        )
+        assert 1.0 <= mine["read_amplification"] <= 1.1
+    assert _row(results, "reshard", "dcp", "load_2to4")["metrics"]["read_amplification"] >= 1.5
 
 
 def test_ratios_are_computed_from_the_measured_times(
@@ -83,6 +130,8 @@ def test_ratios_are_computed_from_the_measured_times(
 ) -> None:
     _, results = tiny_run
     for workload, info in results["workloads"].items():
+        if WORKLOADS[workload].kind == "async" or workload == "reshard":
+            continue  # no raw bound for these
         for op in SAVE_OPS + LOAD_OPS:
             raw = _row(results, workload, RAW, op)
             mine = _row(results, workload, "zarrckpt", op)
@@ -94,12 +143,24 @@ def test_ratios_are_computed_from_the_measured_times(
             expected = statistics.median(raw["times_s"]) / statistics.median(mine["times_s"])
             assert mine["ratio_to_raw"] == pytest.approx(expected)
             assert raw["ratio_to_raw"] == pytest.approx(1.0)
+    evaluated = 0
     for target in results["targets"]:
+        if target["met"] is None:
+            continue
+        evaluated += 1
         mine = _row(results, target["workload"], target["system"], target["op"])
+        if "metric" in target:
+            value = mine["metrics"][target["metric"]]
+            assert target["value"] == value
+            assert target["met"] == (value <= target["max_value"])
+            continue
         ref = _row(results, target["workload"], target["reference"], target["op"])
         speedup = statistics.median(ref["times_s"]) / statistics.median(mine["times_s"])
         assert target["speedup"] == pytest.approx(speedup)
         assert target["met"] == (speedup >= target["min_speedup"])
+    keys = {t["key"] for t in results["targets"] if t["met"] is not None}
+    assert keys == {t.key for t in report.TARGETS + report.BOUND_TARGETS}
+    assert evaluated >= len(keys)
 
 
 def test_markdown_and_charts_are_written(tiny_run: tuple[Path, dict[str, Any]]) -> None:
@@ -112,7 +173,8 @@ def test_markdown_and_charts_are_written(tiny_run: tuple[Path, dict[str, Any]]) 
     for system in results["systems"].values():
         assert system["label"] in text
     for target in results["targets"]:
-        assert target["text"] in text
+        if target["met"] is not None:
+            assert target["text"] in text
     assert not (out / "_data").exists(), "the data directory is removed after the run"
 
 
@@ -164,3 +226,15 @@ def test_a_load_that_delivers_nothing_is_caught(tmp_path: Path) -> None:
     assert by_system[RAW]["error"] is None and by_system[RAW]["verified_loads"] == 1
     assert "differs from the saved data" in by_system["_lazy"]["error"]
     assert by_system["_lazy"]["verified_loads"] == 0
+
+
+def test_inode_cost_measures_every_case(tmp_path: Path) -> None:
+    from benchmarks import inode_cost
+
+    result = inode_cost.measure(str(tmp_path), n=5, repeats=1)
+    assert result["arrays: dir + zarr.json + c/ + c/0"]["inodes"] == 20
+    assert result["arrays: dir + zarr.json + c.0"]["inodes"] == 15
+    for r in result.values():
+        assert r["create_ms"] > 0 and r["sync_ms"] >= 0
+        assert r["total_ms"] == r["create_ms"] + r["sync_ms"]
+    assert list(tmp_path.iterdir()) == []  # every case cleans up after itself

@@ -36,6 +36,7 @@ __all__ = [
     "new_staging_dir",
     "sync_tree",
     "write_json",
+    "dumps_json",
     "write_commit_marker",
     "publish",
     "commit",
@@ -123,9 +124,31 @@ def new_staging_dir(path: str) -> str:
     return staging
 
 
+#: objects nested deeper than this are written on one line by :func:`dumps_json`
+_JSON_LINE_DEPTH = 4
+
+
+def dumps_json(document: Any, *, _depth: int = 0) -> str:
+    """``document`` as JSON text: objects down to depth 4 one member per line
+    (indent 1), everything deeper on one line.
+
+    Readable (one manifest entry per line) and fast: the one-line parts go
+    through the C encoder, which ``json.dumps(..., indent=...)`` never uses, so
+    the manifest of 100,000 tensors is written in a fraction of the time.
+    """
+    if not isinstance(document, dict) or not document or _depth >= _JSON_LINE_DEPTH:
+        return json.dumps(document, allow_nan=False, ensure_ascii=False, separators=(", ", ": "))
+    pad = " " * (_depth + 1)
+    members = ",\n".join(
+        f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {dumps_json(v, _depth=_depth + 1)}"
+        for k, v in document.items()
+    )
+    return "{\n" + members + "\n" + " " * _depth + "}"
+
+
 def write_json(path: str, document: Any, *, fsync: bool = False) -> bytes:
     """Write ``document`` as UTF-8 JSON (durably if ``fsync``); return the bytes written."""
-    data = json.dumps(document, allow_nan=False, ensure_ascii=False, indent=1).encode("utf-8")
+    data = dumps_json(document).encode("utf-8")
     with open(path, "wb") as f:
         f.write(data)
         if fsync:

@@ -1,0 +1,209 @@
+"""Measure workload (f): how long ``async_save`` blocks the caller.
+
+Run by ``python -m benchmarks`` inside its single-process worker
+(:mod:`benchmarks._worker`), or alone as ``python -m benchmarks.async_save SPEC.json``.
+
+For each round, in an order rotated from round to round:
+
+``zarrckpt``
+    ``fut = zarrckpt.async_save(sd, path)``: the time until it returns is
+    ``async_blocked`` (what the training loop waits for), the time until
+    ``fut.result()`` returns is ``async_total`` (durable on disk, fsync on).
+``dcp``
+    The same with ``dcp.async_save(sd, storage_writer=FileSystemWriter(path))``.
+``host_clone`` / ``host_copy``
+    The baselines: a plain host copy of every tensor (``t.clone()``), and a
+    copy into buffers allocated once beforehand (``buffer.copy_(t)``).
+
+The first ``warmup`` rounds are not timed (they also fill zarrckpt's reusable
+staging buffers, as the first checkpoint of a training run does). The output
+of the last round of each library is loaded back and checked bit-exact.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from . import _measure
+from ._worker import TRASH, _Trash
+from .systems import SYSTEMS
+from .workloads import WORKLOADS, Workload, flatten_tensors
+
+__all__ = ["ASYNC_OPS", "run", "main"]
+
+ASYNC_OPS = ("async_blocked", "async_total")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _zarrckpt_async(wl: Workload, path: str) -> Future[Any]:
+    import zarrckpt
+
+    return zarrckpt.async_save(wl.state_dict, path)
+
+
+def _dcp_async(wl: Workload, path: str) -> Future[Any]:
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.async_save(  # type: ignore[return-value]
+        wl.state_dict, storage_writer=dcp.FileSystemWriter(path, sync_files=True)
+    )
+
+
+_LIBRARIES: dict[str, Callable[[Workload, str], Future[Any]]] = {
+    "zarrckpt": _zarrckpt_async,
+    "dcp": _dcp_async,
+}
+
+
+def _check_saved(system: str, wl: Workload, path: str, reference: dict[str, int]) -> None:
+    """Load ``path`` into zeroed copies of the workload's tensors; compare checksums."""
+    import torch.distributed.checkpoint as dcp
+
+    import zarrckpt
+
+    target = _zeroed_like(wl.state_dict)
+    if system == "zarrckpt":
+        zarrckpt.load(target, path)
+    else:
+        dcp.load(target, storage_reader=dcp.FileSystemReader(path))
+    got = _measure.checksums(flatten_tensors(target))
+    bad = [k for k, v in reference.items() if got.get(k) != v]
+    if bad:
+        raise AssertionError(
+            f"async_save with {system}: {len(bad)} tensor(s) differ, e.g. {bad[:3]}"
+        )
+
+
+def _zeroed_like(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return torch.zeros_like(tree)
+    if isinstance(tree, dict):
+        return {k: _zeroed_like(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_zeroed_like(v) for v in tree]
+    return tree
+
+
+def _series(system: str, op: str) -> dict[str, Any]:
+    return {
+        "system": system,
+        "op": op,
+        "times_s": [],
+        "warmup_s": [],
+        "peak_rss_kb": [],
+        "extra_rss_kb": [],
+        "verified_loads": 0,
+        "error": None,
+        "metrics": {},
+    }
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one async workload (``spec["workload"]``); return the runner schema."""
+    import torch.distributed.checkpoint  # noqa: F401  (imports stay out of the timings)
+
+    import zarrckpt  # noqa: F401
+
+    name = spec["workload"]
+    systems = [s for s in spec["systems"] if "async" in SYSTEMS[s].kinds]
+    t0 = time.perf_counter()
+    wl = WORKLOADS[name].build(spec["size"])
+    build_s = time.perf_counter() - t0
+    reference = _measure.checksums(wl.flat)
+    gc.collect()
+    gc.freeze()
+    warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
+    data = os.path.join(spec["data_dir"], name)
+    os.makedirs(data, exist_ok=True)
+    trash = _Trash(os.path.join(spec["data_dir"], TRASH))
+    _log(f"[{name}] {wl.description}: {wl.nbytes / 1e6:.1f} MB")
+    buffers = {k: torch.empty_like(t) for k, t in wl.flat.items()} if "host_copy" in systems else {}
+    series: dict[tuple[str, str], dict[str, Any]] = {}
+    last: dict[str, str] = {}
+    for rnd in range(warmup + repeats):
+        warm = rnd < warmup
+        for k in range(len(systems)):
+            system = systems[(k + rnd) % len(systems)]
+            path = os.path.join(data, f"{system}.{rnd}")
+            os.sync()
+            gc.collect()
+            with _measure.PeakRSS() as rss:
+                start = time.perf_counter()
+                if system in _LIBRARIES:
+                    future = _LIBRARIES[system](wl, path)
+                    blocked = time.perf_counter() - start
+                    future.result()
+                    total = time.perf_counter() - start
+                elif system == "host_clone":
+                    copies = {fqn: t.clone() for fqn, t in wl.flat.items()}
+                    blocked = total = time.perf_counter() - start
+                    del copies
+                elif system == "host_copy":
+                    for fqn, t in wl.flat.items():
+                        buffers[fqn].copy_(t)
+                    blocked = total = time.perf_counter() - start
+                else:
+                    raise ValueError(f"system {system!r} has no async measurement")
+            ops = {"async_blocked": blocked}
+            if system in _LIBRARIES:
+                ops["async_total"] = total
+            for op, seconds in ops.items():
+                s = series.setdefault((system, op), _series(system, op))
+                if warm:
+                    s["warmup_s"].append(seconds)
+                else:
+                    s["times_s"].append(seconds)
+                    s["peak_rss_kb"].append(rss.peak_kb)
+                    s["extra_rss_kb"].append(rss.extra_kb)
+            _log(
+                f"[{name}] round {rnd + 1}/{warmup + repeats} {system}: blocked {blocked:.3f}s, "
+                f"total {total:.3f}s"
+            )
+            if system in _LIBRARIES:
+                if system in last:
+                    trash.discard(last[system])
+                last[system] = path
+    for system, path in last.items():
+        _check_saved(system, wl, path, reference)
+        for op in ASYNC_OPS:
+            series[system, op]["verified_loads"] = 1
+        trash.discard(path)
+    return {
+        "workload": wl.info(),
+        "build_s": build_s,
+        "systems": systems,
+        "measurements": list(series.values()),
+        "self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the async workloads of the spec file ``argv[0]`` one after the other."""
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    results = []
+    for name in spec["workloads"]:
+        results.append(run({**spec, "workload": name}))
+        gc.unfreeze()
+        gc.collect()
+    with open(spec["output"], "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
