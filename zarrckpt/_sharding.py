@@ -23,7 +23,7 @@ import torch
 from ._layout import Region
 from .errors import UnsupportedValueError
 
-__all__ = ["Block", "LocalView", "describe_leaf", "is_tensor_leaf", "index_runs"]
+__all__ = ["Block", "LocalView", "describe_leaf", "is_tensor_leaf", "index_runs", "dtensor_runs"]
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,12 @@ def index_runs(indices: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _blocks_from_indices(tensor: torch.Tensor, per_dim: list[list[int]]) -> list[Block]:
-    if any(len(ix) == 0 for ix in per_dim):
+Run = tuple[int, int, int]  # (local_start, global_start, length)
+
+
+def _blocks_from_runs(tensor: torch.Tensor, runs: list[list[Run]]) -> list[Block]:
+    if any(not r for r in runs):
         return []
-    runs = [index_runs(ix) for ix in per_dim]
     blocks = []
     for combo in itertools.product(*runs):
         region = tuple((gs, gs + n) for _, gs, n in combo)
@@ -100,32 +102,62 @@ def _blocks_from_indices(tensor: torch.Tensor, per_dim: list[list[int]]) -> list
     return blocks
 
 
-def dtensor_indices(
+def _chunk_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
+    """Piece ``index`` of ``range(start, stop)`` cut like ``torch.chunk`` (ceil(n / parts)
+    per piece; trailing pieces may be short or empty), as DTensor's ``Shard`` cuts."""
+    size = -(-(stop - start) // parts) if stop > start else 0
+    lo = min(stop, start + index * size)
+    return lo, min(stop, lo + size)
+
+
+def dtensor_runs(
     global_shape: tuple[int, ...], mesh: Any, placements: Any
-) -> list[list[int]] | None:
-    """Global indices held by this rank along each dimension (None: not in the mesh)."""
+) -> list[list[Run]] | None:
+    """Runs of global indices this rank holds along each dimension (None: not in the mesh).
+
+    A dimension cut only by ``Shard`` placements (any nesting) holds one
+    contiguous range, computed arithmetically; a dimension with a
+    ``_StridedShard`` is resolved by applying the placements' own split rules
+    to ``arange(size)``, where it shows up as several runs.
+    """
     from torch.distributed.tensor.placement_types import Shard, _StridedShard
 
     coordinate = mesh.get_coordinate()
     if coordinate is None:
         return None
-    per_dim = []
+    runs: list[list[Run]] = []
     for dim, size in enumerate(global_shape):
-        idx = torch.arange(size)
-        for mesh_dim, placement in enumerate(placements):
-            # _StridedShard.is_shard() is False: test the types explicitly
-            if not isinstance(placement, (Shard, _StridedShard)) or placement.dim != dim:
-                continue
-            if isinstance(placement, _StridedShard):
-                along0: Any = _StridedShard(0, split_factor=placement.split_factor)
-            else:
-                along0 = Shard(0)
-            pieces, _ = along0._split_tensor(
-                idx, mesh.size(mesh_dim), with_padding=False, contiguous=False
-            )
-            idx = pieces[coordinate[mesh_dim]]
-        per_dim.append(idx.tolist())
-    return per_dim
+        cuts = [
+            (mesh_dim, p)
+            for mesh_dim, p in enumerate(placements)
+            if isinstance(p, (Shard, _StridedShard)) and p.dim == dim
+        ]
+        if any(isinstance(p, _StridedShard) for _, p in cuts):
+            runs.append(index_runs(_split_indices(size, mesh, coordinate, cuts)))
+            continue
+        lo, hi = 0, size
+        for mesh_dim, _ in cuts:
+            lo, hi = _chunk_range(lo, hi, mesh.size(mesh_dim), coordinate[mesh_dim])
+        runs.append([(0, lo, hi - lo)] if hi > lo else [])
+    return runs
+
+
+def _split_indices(size: int, mesh: Any, coordinate: list[int], cuts: list[Any]) -> list[int]:
+    """Global indices held along one dimension, by DTensor's own split rules."""
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+    idx = torch.arange(size)
+    for mesh_dim, placement in cuts:
+        along0: Any
+        if isinstance(placement, _StridedShard):
+            along0 = _StridedShard(0, split_factor=placement.split_factor)
+        else:
+            along0 = Shard(0)
+        pieces, _ = along0._split_tensor(
+            idx, mesh.size(mesh_dim), with_padding=False, contiguous=False
+        )
+        idx = pieces[coordinate[mesh_dim]]
+    return [int(i) for i in idx.tolist()]
 
 
 def describe_leaf(value: Any, *, key: str, path: str) -> LocalView:
@@ -149,17 +181,17 @@ def describe_leaf(value: Any, *, key: str, path: str) -> LocalView:
                 )
         local = value._local_tensor
         shape = tuple(value.shape)
-        per_dim = dtensor_indices(shape, value.device_mesh, placements)
+        runs = dtensor_runs(shape, value.device_mesh, placements)
         blocks: list[Block] = []
-        if per_dim is not None:
-            expected = tuple(len(ix) for ix in per_dim)
+        if runs is not None:
+            expected = tuple(sum(n for _, _, n in r) for r in runs)
             if tuple(local.shape) != expected:
                 raise UnsupportedValueError(
                     f"DTensor {key!r} for checkpoint {path!r}: local tensor has shape "
                     f"{tuple(local.shape)}, but placements {placements} on mesh "
                     f"{tuple(value.device_mesh.shape)} give {expected}"
                 )
-            blocks = _blocks_from_indices(local, per_dim)
+            blocks = _blocks_from_runs(local, runs)
         return LocalView(
             shape,
             value.dtype,
