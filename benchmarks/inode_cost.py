@@ -95,24 +95,34 @@ def _cases(n: int) -> dict[str, tuple[int, Callable[[str], None]]]:
 
 
 def measure(base: str, n: int = 1000, repeats: int = 3) -> dict[str, dict[str, float]]:
-    """Median ms (create, sync, total) of each case, in fresh directories under ``base``."""
-    out: dict[str, dict[str, float]] = {}
-    for name, (inodes, fill) in _cases(n).items():
-        creates, syncs = [], []
-        for _ in range(repeats):
-            root = tempfile.mkdtemp(prefix="inode-cost-", dir=base)
-            try:
+    """Median ms (create, sync, total) of each case, in fresh directories under ``base``.
+
+    Nothing is deleted until every case has run: on ext4, deleting thousands
+    of inodes slows the next thousands of creations nearby for ~30 s (the
+    allocator skips recently deleted inodes), which would be charged to the
+    next case. Cases are interleaved across repetitions.
+    """
+    cases = _cases(n)
+    creates: dict[str, list[float]] = {name: [] for name in cases}
+    syncs: dict[str, list[float]] = {name: [] for name in cases}
+    scratch = tempfile.mkdtemp(prefix="inode-cost-", dir=base)
+    try:
+        for rnd in range(repeats):
+            for name, (_inodes, fill) in cases.items():
+                root = tempfile.mkdtemp(prefix=f"{rnd}-", dir=scratch)
                 _syncfs(root)
                 t0 = time.perf_counter()
                 fill(root)
                 t1 = time.perf_counter()
                 _syncfs(root)
                 t2 = time.perf_counter()
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
-            creates.append((t1 - t0) * 1e3)
-            syncs.append((t2 - t1) * 1e3)
-        create, sync = statistics.median(creates), statistics.median(syncs)
+                creates[name].append((t1 - t0) * 1e3)
+                syncs[name].append((t2 - t1) * 1e3)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    out: dict[str, dict[str, float]] = {}
+    for name, (inodes, _fill) in cases.items():
+        create, sync = statistics.median(creates[name]), statistics.median(syncs[name])
         out[name] = {
             "inodes": inodes,
             "create_ms": create,
