@@ -28,6 +28,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -97,6 +98,29 @@ def _zeroed_like(tree: Any) -> Any:
     return tree
 
 
+def _measure_once(
+    system: str, wl: Workload, path: str, buffers: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """(seconds the caller is blocked, seconds until the save is durable) of one round."""
+    start = time.perf_counter()
+    if system in _LIBRARIES:
+        future = _LIBRARIES[system](wl, path)
+        blocked = time.perf_counter() - start
+        future.result()
+        return blocked, time.perf_counter() - start
+    if system == "host_clone":
+        copies = {fqn: t.clone() for fqn, t in wl.flat.items()}
+        blocked = time.perf_counter() - start
+        del copies
+        return blocked, blocked
+    if system == "host_copy":
+        for fqn, t in wl.flat.items():
+            buffers[fqn].copy_(t)
+        blocked = time.perf_counter() - start
+        return blocked, blocked
+    raise ValueError(f"system {system!r} has no async measurement")
+
+
 def _series(system: str, op: str) -> dict[str, Any]:
     return {
         "system": system,
@@ -138,29 +162,25 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         for k in range(len(systems)):
             system = systems[(k + rnd) % len(systems)]
             path = os.path.join(data, f"{system}.{rnd}")
+            ops = [op for op in ASYNC_OPS if op in spec["ops"]]
+            if system not in _LIBRARIES:  # a copy is done when it returns: no separate total
+                ops = [op for op in ops if op == "async_blocked"]
+            if not ops or any(series[system, op]["error"] for op in ops if (system, op) in series):
+                continue
             os.sync()
             gc.collect()
-            with _measure.PeakRSS() as rss:
-                start = time.perf_counter()
-                if system in _LIBRARIES:
-                    future = _LIBRARIES[system](wl, path)
-                    blocked = time.perf_counter() - start
-                    future.result()
-                    total = time.perf_counter() - start
-                elif system == "host_clone":
-                    copies = {fqn: t.clone() for fqn, t in wl.flat.items()}
-                    blocked = total = time.perf_counter() - start
-                    del copies
-                elif system == "host_copy":
-                    for fqn, t in wl.flat.items():
-                        buffers[fqn].copy_(t)
-                    blocked = total = time.perf_counter() - start
-                else:
-                    raise ValueError(f"system {system!r} has no async measurement")
-            ops = {"async_blocked": blocked}
-            if system in _LIBRARIES:
-                ops["async_total"] = total
-            for op, seconds in ops.items():
+            try:
+                with _measure.PeakRSS() as rss:
+                    blocked, total = _measure_once(system, wl, path, buffers)
+            except Exception:
+                error = traceback.format_exc(limit=3)
+                _log(f"[{name}] {system} FAILED:\n{error}")
+                for op in ops:
+                    series.setdefault((system, op), _series(system, op))["error"] = error
+                continue
+            seconds_by_op = {"async_blocked": blocked, "async_total": total}
+            for op in ops:
+                seconds = seconds_by_op[op]
                 s = series.setdefault((system, op), _series(system, op))
                 if warm:
                     s["warmup_s"].append(seconds)
@@ -177,9 +197,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                     trash.discard(last[system])
                 last[system] = path
     for system, path in last.items():
-        _check_saved(system, wl, path, reference)
-        for op in ASYNC_OPS:
-            series[system, op]["verified_loads"] = 1
+        try:
+            _check_saved(system, wl, path, reference)
+        except Exception:
+            error = traceback.format_exc(limit=3)
+            for op in ASYNC_OPS:
+                if (system, op) in series:
+                    series[system, op]["error"] = error
+        else:
+            for op in ASYNC_OPS:
+                if (system, op) in series:
+                    series[system, op]["verified_loads"] = 1
         trash.discard(path)
     return {
         "workload": wl.info(),

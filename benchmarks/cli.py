@@ -100,7 +100,8 @@ def run_single(
     else:
         for w in spec["workloads"]:
             for s in spec["systems"]:
-                yield _spawn({**spec, "workloads": [w], "systems": [s]}, workdir)
+                if WORKLOADS[w].kind in SYSTEMS[s].kinds:
+                    yield _spawn({**spec, "workloads": [w], "systems": [s]}, workdir)
 
 
 def run_distributed(

@@ -27,6 +27,7 @@ ranks 2 and 3 wait at a barrier, blocked in gloo without using CPU.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import resource
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from . import _measure
+from ._worker import TRASH, _Trash
 from .workloads import WORKLOADS, ShardedWorkload
 
 __all__ = ["run", "main"]
@@ -142,7 +144,8 @@ def _save_fn(system: str, state: dict[str, Any], path: str, fsync: bool, group: 
 def _load_fn(
     system: str, state: dict[str, Any], path: str, group: Any, counters: dict[str, int]
 ) -> None:
-    """Load ``path`` into ``state``; ``counters["bytes_read"]`` gets what was read."""
+    """Load ``path`` into ``state``; ``counters["bytes_read"]`` gets the bytes the library
+    reports reading (zarrckpt, DCP)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -167,7 +170,6 @@ def _load_fn(
         counters["bytes_read"] = read
     elif system == "numpy_raw":
         _raw_load(state, path, dist.get_rank(group))
-        counters["bytes_read"] = sum(t.numel() * 4 for t in _locals(state))
     else:
         raise ValueError(f"system {system!r} has no distributed load")
 
@@ -245,6 +247,8 @@ def _fsdp_rounds(
     """Every (system, op) series of an FSDP2 workload, as measured on this rank."""
     group = mesh.get_group()
     systems = list(spec["systems"])
+    # many-file outputs are set aside, not deleted, until the run ends (see _Trash)
+    trash = _Trash(os.path.join(spec["data_dir"], TRASH))
     warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
     state = _state(mesh, wl.shapes, fill=True)
     expected = [t.clone() for t in _locals(state)]
@@ -260,7 +264,7 @@ def _fsdp_rounds(
                 _on_rank0(group, os.sync)
                 save = functools.partial(_save_fn, system, state, path, op == "save_fsync", group)
                 _timed(ser, rnd < warm, group, save)
-                _on_rank0(group, functools.partial(_measure.remove, path))
+                _on_rank0(group, functools.partial(trash.discard, path))
     load_ops = [o for o in spec["ops"] if o in LOAD_OPS]
     fixtures = {s: os.path.join(root, f"{s}.fixture") for s in systems}
     if load_ops:
@@ -281,9 +285,10 @@ def _fsdp_rounds(
                 if not _equal(target, expected):
                     raise AssertionError(f"{wl.name}: {system} {op} loaded wrong data")
                 ser.data["verified_loads"] += 1
-                ser.data["metrics"]["bytes_read"] = counters["bytes_read"]
+                if "bytes_read" in counters:
+                    ser.data["metrics"]["bytes_read"] = counters["bytes_read"]
     for path in fixtures.values():
-        _on_rank0(group, functools.partial(_measure.remove, path))
+        _on_rank0(group, functools.partial(trash.discard, path))
     return [s.data for s in series.values()]
 
 
@@ -338,8 +343,9 @@ def _reshard_rounds(
                     }
         dist.barrier()
     if rank == 0:
+        trash = _Trash(os.path.join(spec["data_dir"], TRASH))
         for path in paths.values():
-            _measure.remove(path)
+            trash.discard(path)
     dist.barrier()
     return [s.data for s in series.values()]
 
@@ -354,11 +360,16 @@ def _group_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str,
     ranks; the others wait at a barrier (blocked in gloo, using no CPU).
     """
     import torch.distributed as dist
+    import torch.distributed.checkpoint  # noqa: F401  (imports stay out of the timings)
     from torch.distributed.device_mesh import DeviceMesh
+
+    import zarrckpt  # noqa: F401
 
     root = spec["root"]
     out: dict[str, Any] = {}
     meshes = {n: DeviceMesh("cpu", torch.arange(n)) for n in sorted({2, world_size})}
+    gc.collect()
+    gc.freeze()  # as in the single-process worker: collections stay out of the timings
     for name in spec["workloads"]:
         wl = WORKLOADS[name].build(spec["size"])
         if rank == 0:
@@ -422,9 +433,10 @@ def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "workload": WORKLOADS[name].build(spec["size"]).info(),
-            "build_s": 0.0,
+            "build_s": None,  # every rank builds its own shards
             "systems": systems,
             "measurements": _merge_ranks(name, per_rank),
+            # lifetime peak of the group's processes (all distributed workloads)
             "self_maxrss_kb": max(r["_maxrss_kb"] for r in per_rank),
         }
         for name in names

@@ -91,6 +91,14 @@ TARGETS: tuple[Target, ...] = (
         1 / 1.2,
         ("async_save",),
     ),
+    Target(
+        "async_blocked_vs_copy",
+        "(f) async_save caller blocked <= 1.2x a copy into preallocated buffers",
+        "async_blocked",
+        "host_copy",
+        1 / 1.2,
+        ("async_save",),
+    ),
 )
 
 

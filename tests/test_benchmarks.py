@@ -99,16 +99,6 @@ def test_every_system_and_workload_is_measured(tiny_run: tuple[Path, dict[str, A
     assert measured == expected
 
 
-def test_async_rows_time_the_caller_and_the_whole_save(
-    tiny_run: tuple[Path, dict[str, Any]],
-) -> None:
-    _, results = tiny_run
-    for system in ("zarrckpt", "dcp"):
-        blocked = _row(results, "async_save", system, "async_blocked")["times_s"]
-        total = _row(results, "async_save", system, "async_total")["times_s"]
-        assert all(b <= t for b, t in zip(blocked, total, strict=True))
-
-
 def test_resharding_reads_only_what_it_needs(tiny_run: tuple[Path, dict[str, Any]]) -> None:
     """zarrckpt reads ~ the bytes each rank needs; DCP reads whole stored pieces 2 -> 4."""
     _, results = tiny_run
@@ -231,10 +221,10 @@ def test_a_load_that_delivers_nothing_is_caught(tmp_path: Path) -> None:
 def test_inode_cost_measures_every_case(tmp_path: Path) -> None:
     from benchmarks import inode_cost
 
-    result = inode_cost.measure(str(tmp_path), n=5, repeats=1)
+    result = inode_cost.measure(str(tmp_path), n=5, repeats=2)
     assert result["arrays: dir + zarr.json + c/ + c/0"]["inodes"] == 20
     assert result["arrays: dir + zarr.json + c.0"]["inodes"] == 15
     for r in result.values():
         assert r["create_ms"] > 0 and r["sync_ms"] >= 0
-        assert r["total_ms"] == r["create_ms"] + r["sync_ms"]
-    assert list(tmp_path.iterdir()) == []  # every case cleans up after itself
+        assert r["us_per_inode"] == pytest.approx(r["create_ms"] * 1e3 / r["inodes"])
+    assert list(tmp_path.iterdir()) == []  # the scratch directory is removed at the end

@@ -54,29 +54,62 @@ def _make(code: str) -> object:
     return Shard(int(code[1]))
 
 
+def _cuts(placements: list, dim: int) -> list:
+    return [
+        (mesh_dim, p)
+        for mesh_dim, p in enumerate(placements)
+        if isinstance(p, (Shard, _StridedShard)) and p.dim == dim
+    ]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     shape=st.tuples(st.integers(0, 17), st.integers(0, 9)),
-    mesh_shape=st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple),
-    codes=st.lists(_placement, min_size=2, max_size=2),
+    mesh_shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+    codes=st.lists(_placement, min_size=3, max_size=3),
+)
+def test_runs_partition_every_dimension(shape, mesh_shape, codes) -> None:
+    """Over all ranks of the mesh, the held indices of each dimension cover it
+    exactly as often as the mesh dims that do not cut it replicate it, and a
+    dimension cut only by Shard placements is one contiguous run per rank."""
+    placements = [_make(c) for c in codes[: len(mesh_shape)]]
+    counts = [[0] * size for size in shape]
+    for coordinate in itertools.product(*(range(m) for m in mesh_shape)):
+        runs = dtensor_runs(shape, FakeMesh(mesh_shape, list(coordinate)), placements)
+        assert runs is not None
+        for dim, dim_runs in enumerate(runs):
+            if not any(isinstance(p, _StridedShard) for _, p in _cuts(placements, dim)):
+                assert len(dim_runs) <= 1
+            held = 0
+            for local, start, length in dim_runs:
+                assert local == held  # runs tile the local tensor in order
+                held += length
+                for g in range(start, start + length):
+                    counts[dim][g] += 1
+    for dim, size in enumerate(shape):
+        cut_by = {mesh_dim for mesh_dim, _ in _cuts(placements, dim)}
+        copies = math.prod(m for d, m in enumerate(mesh_shape) if d not in cut_by)
+        assert counts[dim] == [copies] * size
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.tuples(st.integers(0, 17), st.integers(0, 9)),
+    mesh_shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+    codes=st.lists(st.sampled_from(["R", "S0", "S1"]), min_size=3, max_size=3),
     data=st.data(),
 )
-def test_runs_match_dtensor_split_rules(shape, mesh_shape, codes, data) -> None:
-    """The arithmetic fast path gives exactly the indices DTensor's own split
-    rules give (applied to arange), for Shard, nested Shard, Replicate and
-    _StridedShard placements."""
+def test_shard_arithmetic_matches_dtensor_split_rules(shape, mesh_shape, codes, data) -> None:
+    """The arithmetic path gives exactly the indices DTensor's own split rules
+    give when applied to arange (Shard, nested Shard, Replicate)."""
     placements = [_make(c) for c in codes[: len(mesh_shape)]]
     coordinate = [data.draw(st.integers(0, m - 1)) for m in mesh_shape]
     mesh = FakeMesh(mesh_shape, coordinate)
     runs = dtensor_runs(shape, mesh, placements)
     assert runs is not None
     for dim, size in enumerate(shape):
-        cuts = [
-            (mesh_dim, p)
-            for mesh_dim, p in enumerate(placements)
-            if isinstance(p, (Shard, _StridedShard)) and p.dim == dim
-        ]
-        assert runs[dim] == index_runs(_split_indices(size, mesh, coordinate, cuts))
+        reference = _split_indices(size, mesh, coordinate, _cuts(placements, dim))
+        assert runs[dim] == index_runs(reference)
 
 
 def test_a_rank_outside_the_mesh_holds_nothing() -> None:

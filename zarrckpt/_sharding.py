@@ -6,10 +6,12 @@ saves it), a ``DTensor`` (any placements: ``Shard``, ``_StridedShard``,
 is described as a list of :class:`Block`: rectangular regions of the global
 tensor together with the local tensor slice that holds them.
 
-For a DTensor the global indices held along every dimension are computed by
-applying the placements' own split rules (left to right over the mesh
-dimensions, as DTensor does) to ``arange(size)``; a strided shard then shows
-up as several runs of consecutive indices, each run one block.
+For a DTensor the global indices held along every dimension are runs of
+consecutive indices. A dimension cut only by ``Shard`` placements (left to
+right over the mesh dimensions, as DTensor does; ``torch.chunk`` bounds)
+holds one run, computed arithmetically; a dimension with a ``_StridedShard``
+is resolved by applying the placements' own split rules to ``arange(size)``,
+where it shows up as several runs, each run one block.
 """
 
 from __future__ import annotations

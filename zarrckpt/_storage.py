@@ -135,12 +135,17 @@ def dumps_json(document: Any, *, _depth: int = 0) -> str:
     Readable (one manifest entry per line) and fast: the one-line parts go
     through the C encoder, which ``json.dumps(..., indent=...)`` never uses, so
     the manifest of 100,000 tensors is written in a fraction of the time.
+    NaN and infinities are refused (``ValueError``) at every level, and so
+    are object keys that are not ``str`` (``TypeError``) in the expanded ones.
     """
     if not isinstance(document, dict) or not document or _depth >= _JSON_LINE_DEPTH:
         return json.dumps(document, allow_nan=False, ensure_ascii=False, separators=(", ", ": "))
     pad = " " * (_depth + 1)
+    for key in document:
+        if not isinstance(key, str):
+            raise TypeError(f"JSON object keys must be str, not {type(key).__name__} ({key!r})")
     members = ",\n".join(
-        f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {dumps_json(v, _depth=_depth + 1)}"
+        f"{pad}{json.dumps(k, ensure_ascii=False)}: {dumps_json(v, _depth=_depth + 1)}"
         for k, v in document.items()
     )
     return "{\n" + members + "\n" + " " * _depth + "}"

@@ -58,6 +58,7 @@ def run_distributed(
     world_size: int,
     *args: Any,
     timeout: float = 300.0,
+    failure_grace: float = 15.0,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned processes.
@@ -74,8 +75,10 @@ def run_distributed(
     Raises
     ------
     DistributedTestError
-        A rank raised (its traceback is in the message), exited without a
-        result, or the group did not finish within ``timeout`` seconds.
+        A rank raised (its traceback is in the message; ranks still running
+        ``failure_grace`` seconds later, e.g. blocked in a collective the
+        failed rank never joined, are stopped), exited without a result, or
+        the group did not finish within ``timeout`` seconds.
     """
     import torch.multiprocessing as mp
 
@@ -111,7 +114,8 @@ def run_distributed(
         while len(outcome) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                failure = f"timed out after {timeout:.0f}s; finished ranks: {sorted(outcome)}"
+                if failure is None:
+                    failure = f"timed out after {timeout:.0f}s; finished ranks: {sorted(outcome)}"
                 break
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))
@@ -130,6 +134,9 @@ def run_distributed(
             outcome[rank] = (ok, pickle.loads(value) if ok else value)
             if not ok and failure is None:
                 failure = f"rank {rank} raised:\n{value}"
+                # the other ranks may be blocked in a collective the failed rank never
+                # joins: give them a short grace period to report, then stop them
+                deadline = min(deadline, time.monotonic() + failure_grace)
     finally:
         for p in procs:
             p.join(timeout=5 if failure is None else 0.5)
