@@ -21,6 +21,7 @@ __all__ = [
     "tensor_bytes",
     "checksums",
     "fsync_file",
+    "empty_series",
 ]
 
 
@@ -134,3 +135,18 @@ def tensor_bytes(t: torch.Tensor | np.ndarray) -> np.ndarray:
 def checksums(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, int]:
     """crc32c of every tensor's bytes."""
     return {k: int(crc32c.crc32c(tensor_bytes(v).data)) for k, v in tensors.items()}
+
+
+def empty_series(system: str, op: str) -> dict[str, Any]:
+    """The record of one (system, op) series, as every runner reports it."""
+    return {
+        "system": system,
+        "op": op,
+        "times_s": [],
+        "warmup_s": [],
+        "peak_rss_kb": [],
+        "extra_rss_kb": [],
+        "verified_loads": 0,
+        "error": None,
+        "metrics": {},
+    }

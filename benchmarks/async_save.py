@@ -1,7 +1,7 @@
 """Measure workload (f): how long ``async_save`` blocks the caller.
 
 Run by ``python -m benchmarks`` inside its single-process worker
-(:mod:`benchmarks._worker`), or alone as ``python -m benchmarks.async_save SPEC.json``.
+(:mod:`benchmarks._worker`, which dispatches workloads of kind ``"async"`` here).
 
 For each round, in an order rotated from round to round:
 
@@ -23,7 +23,6 @@ of the last round of each library is loaded back and checked bit-exact.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import sys
@@ -40,7 +39,7 @@ from ._worker import TRASH, _Trash
 from .systems import SYSTEMS
 from .workloads import WORKLOADS, Workload, flatten_tensors
 
-__all__ = ["ASYNC_OPS", "run", "main"]
+__all__ = ["ASYNC_OPS", "run"]
 
 ASYNC_OPS = ("async_blocked", "async_total")
 
@@ -121,20 +120,6 @@ def _measure_once(
     raise ValueError(f"system {system!r} has no async measurement")
 
 
-def _series(system: str, op: str) -> dict[str, Any]:
-    return {
-        "system": system,
-        "op": op,
-        "times_s": [],
-        "warmup_s": [],
-        "peak_rss_kb": [],
-        "extra_rss_kb": [],
-        "verified_loads": 0,
-        "error": None,
-        "metrics": {},
-    }
-
-
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one async workload (``spec["workload"]``); return the runner schema."""
     import torch.distributed.checkpoint  # noqa: F401  (imports stay out of the timings)
@@ -176,12 +161,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 error = traceback.format_exc(limit=3)
                 _log(f"[{name}] {system} FAILED:\n{error}")
                 for op in ops:
-                    series.setdefault((system, op), _series(system, op))["error"] = error
+                    record = series.setdefault((system, op), _measure.empty_series(system, op))
+                    record["error"] = error
                 continue
             seconds_by_op = {"async_blocked": blocked, "async_total": total}
             for op in ops:
                 seconds = seconds_by_op[op]
-                s = series.setdefault((system, op), _series(system, op))
+                s = series.setdefault((system, op), _measure.empty_series(system, op))
                 if warm:
                     s["warmup_s"].append(seconds)
                 else:
@@ -216,22 +202,3 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "measurements": list(series.values()),
         "self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the async workloads of the spec file ``argv[0]`` one after the other."""
-    argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0]) as f:
-        spec = json.load(f)
-    results = []
-    for name in spec["workloads"]:
-        results.append(run({**spec, "workload": name}))
-        gc.unfreeze()
-        gc.collect()
-    with open(spec["output"], "w") as f:
-        json.dump(results, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -181,17 +181,7 @@ class _Series:
     """Timings, memory and metrics of one (system, op) on this rank."""
 
     def __init__(self, system: str, op: str) -> None:
-        self.data: dict[str, Any] = {
-            "system": system,
-            "op": op,
-            "times_s": [],
-            "warmup_s": [],
-            "peak_rss_kb": [],
-            "extra_rss_kb": [],
-            "verified_loads": 0,
-            "error": None,
-            "metrics": {},
-        }
+        self.data = _measure.empty_series(system, op)
 
     def add(self, warm: bool, seconds: float, rss: _measure.PeakRSS) -> None:
         if warm:
@@ -238,6 +228,30 @@ def _cache(path: str, cold: bool) -> None:
         _measure.prewarm(files)
 
 
+def _load_round(
+    ser: _Series,
+    warm: bool,
+    system: str,
+    path: str,
+    target: dict[str, Any],
+    expected: list[torch.Tensor],
+    group: Any,
+) -> None:
+    """One timed load of ``path`` into the zeroed ``target``, checked against ``expected``
+    (cold when the series' op is ``load_cold``: the files are evicted first)."""
+    op = ser.data["op"]
+    for t in _locals(target):
+        t.zero_()
+    _on_rank0(group, functools.partial(_cache, path, op == "load_cold"))
+    counters: dict[str, int] = {}
+    _timed(ser, warm, group, functools.partial(_load_fn, system, target, path, group, counters))
+    if not _equal(target, expected):
+        raise AssertionError(f"{system} {op}: loaded data differs from the saved data")
+    ser.data["verified_loads"] += 1
+    if "bytes_read" in counters:
+        ser.data["metrics"]["bytes_read"] = counters["bytes_read"]
+
+
 # --------------------------------------------------------------------------- (d)
 
 
@@ -275,18 +289,7 @@ def _fsdp_rounds(
         for rnd in range(warm + repeats):
             for system in _rotate(systems, rnd):
                 ser = series.setdefault((system, op), _Series(system, op))
-                for t in _locals(target):
-                    t.zero_()
-                path = fixtures[system]
-                _on_rank0(group, functools.partial(_cache, path, op == "load_cold"))
-                counters: dict[str, int] = {}
-                load = functools.partial(_load_fn, system, target, path, group, counters)
-                _timed(ser, rnd < warm, group, load)
-                if not _equal(target, expected):
-                    raise AssertionError(f"{wl.name}: {system} {op} loaded wrong data")
-                ser.data["verified_loads"] += 1
-                if "bytes_read" in counters:
-                    ser.data["metrics"]["bytes_read"] = counters["bytes_read"]
+                _load_round(ser, rnd < warm, system, fixtures[system], target, expected, group)
     for path in fixtures.values():
         _on_rank0(group, functools.partial(trash.discard, path))
     return [s.data for s in series.values()]
@@ -327,20 +330,9 @@ def _reshard_rounds(
             for rnd in range(warmup + repeats):
                 for system in _rotate(systems, rnd):
                     ser = series.setdefault((system, op), _Series(system, op))
-                    for t in _locals(target):
-                        t.zero_()
                     path = paths[system, source]
-                    _on_rank0(group, functools.partial(_cache, path, False))
-                    counters: dict[str, int] = {}
-                    load = functools.partial(_load_fn, system, target, path, group, counters)
-                    _timed(ser, rnd < warmup, group, load)
-                    if not _equal(target, expected):
-                        raise AssertionError(f"reshard: {system} {op} loaded wrong data")
-                    ser.data["verified_loads"] += 1
-                    ser.data["metrics"] = {
-                        "bytes_read": counters["bytes_read"],
-                        "bytes_needed": needed,
-                    }
+                    _load_round(ser, rnd < warmup, system, path, target, expected, group)
+                    ser.data["metrics"]["bytes_needed"] = needed
         dist.barrier()
     if rank == 0:
         trash = _Trash(os.path.join(spec["data_dir"], TRASH))
