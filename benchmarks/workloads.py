@@ -96,8 +96,8 @@ class ShardedWorkload:
     shapes
         Global shape of each tensor (``layers.{i}.weight``).
     world_sizes
-        Process counts: one for an FSDP2 save/load workload, ``(source,
-        target)`` pairs' members for the resharding workload.
+        Process counts involved: ``(2,)`` or ``(4,)`` for an FSDP2 workload,
+        ``(4, 2)`` for resharding; the largest sizes the process group.
     """
 
     name: str
