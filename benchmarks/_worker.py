@@ -43,7 +43,7 @@ from . import _measure
 from .systems import SYSTEMS, System
 from .workloads import WORKLOADS, Workload
 
-__all__ = ["OPS", "SAVE_OPS", "LOAD_OPS", "TRASH", "run", "main"]
+__all__ = ["OPS", "SAVE_OPS", "LOAD_OPS", "TRASH", "prepare_workload", "run", "main"]
 
 #: directory (under the data directory) of outputs deleted only after the run
 TRASH = ".trash"
@@ -152,13 +152,10 @@ def _timed(series: _Series, warm: bool, fn: Any, *args: Any) -> Any:
     return result, elapsed
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run the measurements described by ``spec``; return the JSON-able result."""
+def prepare_workload(spec: dict[str, Any]) -> tuple[Workload, float, dict[str, int], str]:
+    """Build ``spec["workload"]``; return it, its build time, the checksums of its
+    tensors and its (created) data directory."""
     name = spec["workload"]
-    systems = [SYSTEMS[s] for s in spec["systems"] if "single" in SYSTEMS[s].kinds]
-    for system in systems:
-        for module in system.modules:
-            importlib.import_module(module)
     t0 = time.perf_counter()
     wl = WORKLOADS[name].build(spec["size"])
     build_s = time.perf_counter() - t0
@@ -167,10 +164,22 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     # that the gc.collect() before each timed operation is cheap
     gc.collect()
     gc.freeze()
-    options: dict[str, dict[str, Any]] = spec.get("options", {})
-    warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
     data = os.path.join(spec["data_dir"], name)
     os.makedirs(data, exist_ok=True)
+    return wl, build_s, reference, data
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the measurements described by ``spec``; return the JSON-able result."""
+    name = spec["workload"]
+    systems = [SYSTEMS[s] for s in spec["systems"] if "single" in SYSTEMS[s].kinds]
+    for system in systems:
+        for module in system.modules:
+            importlib.import_module(module)
+    t0 = time.perf_counter()
+    wl, build_s, reference, data = prepare_workload(spec)
+    options: dict[str, dict[str, Any]] = spec.get("options", {})
+    warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
     _log(
         f"[{name}] {wl.description}: {wl.nbytes / 1e6:.1f} MB, {wl.n_tensors} tensors "
         f"(built in {build_s:.1f}s)"

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from . import _measure
-from ._worker import TRASH, _Trash
+from ._worker import TRASH, _Trash, prepare_workload
 from .systems import SYSTEMS
-from .workloads import WORKLOADS, Workload, flatten_tensors
+from .workloads import Workload, flatten_tensors
 
 __all__ = ["ASYNC_OPS", "run"]
 
@@ -128,15 +128,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     name = spec["workload"]
     systems = [s for s in spec["systems"] if "async" in SYSTEMS[s].kinds]
-    t0 = time.perf_counter()
-    wl = WORKLOADS[name].build(spec["size"])
-    build_s = time.perf_counter() - t0
-    reference = _measure.checksums(wl.flat)
-    gc.collect()
-    gc.freeze()
+    wl, build_s, reference, data = prepare_workload(spec)
     warmup, repeats = int(spec["warmup"]), int(spec["repeats"])
-    data = os.path.join(spec["data_dir"], name)
-    os.makedirs(data, exist_ok=True)
     trash = _Trash(os.path.join(spec["data_dir"], TRASH))
     _log(f"[{name}] {wl.description}: {wl.nbytes / 1e6:.1f} MB")
     buffers = {k: torch.empty_like(t) for k, t in wl.flat.items()} if "host_copy" in systems else {}

@@ -37,11 +37,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import _measure
 from ._worker import TRASH, _Trash
+from .systems import read_raw_into, write_raw
 from .workloads import WORKLOADS, ShardedWorkload
 
 __all__ = ["run", "main"]
@@ -99,26 +99,9 @@ def _equal(target: dict[str, Any], expected: list[torch.Tensor]) -> bool:
 # --------------------------------------------------------------------------- systems
 
 
-def _raw_save(state: dict[str, Any], path: str, fsync: bool, rank: int) -> None:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, f"rank{rank}.bin"), "wb") as f:
-        for t in _locals(state):
-            t.numpy().tofile(f)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-
-
-def _raw_load(state: dict[str, Any], path: str, rank: int) -> None:
-    with open(os.path.join(path, f"rank{rank}.bin"), "rb", buffering=0) as f:
-        for t in _locals(state):
-            view = memoryview(t.numpy().reshape(-1).view(np.uint8).data)
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise EOFError(f"{f.name} is truncated")
-                got += n
+def _raw_file(path: str, rank: int) -> str:
+    """The raw bound's file of ``rank`` in the directory ``path``."""
+    return os.path.join(path, f"rank{rank}.bin")
 
 
 def _save_fn(system: str, state: dict[str, Any], path: str, fsync: bool, group: Any) -> None:
@@ -136,7 +119,8 @@ def _save_fn(system: str, state: dict[str, Any], path: str, fsync: bool, group: 
             process_group=group,
         )
     elif system == "numpy_raw":
-        _raw_save(state, path, fsync, dist.get_rank(group))
+        os.makedirs(path, exist_ok=True)
+        write_raw(_locals(state), _raw_file(path, dist.get_rank(group)), fsync)
     else:
         raise ValueError(f"system {system!r} has no distributed save")
 
@@ -169,7 +153,7 @@ def _load_fn(
         dcp.load(state, storage_reader=reader, process_group=group)
         counters["bytes_read"] = read
     elif system == "numpy_raw":
-        _raw_load(state, path, dist.get_rank(group))
+        read_raw_into(_locals(state), _raw_file(path, dist.get_rank(group)))
     else:
         raise ValueError(f"system {system!r} has no distributed load")
 

@@ -20,7 +20,7 @@ system whose saved files it reads with ``reads_from``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,15 @@ import torch
 from ._measure import fsync_file
 from .workloads import Workload, flatten_tensors
 
-__all__ = ["System", "SYSTEMS", "RAW", "register_system", "copy_into"]
+__all__ = [
+    "System",
+    "SYSTEMS",
+    "RAW",
+    "register_system",
+    "copy_into",
+    "write_raw",
+    "read_raw_into",
+]
 
 SaveFn = Callable[[Workload, str, bool, Mapping[str, Any]], None]
 LoadFn = Callable[[Workload, str, Mapping[str, Any]], Any]
@@ -320,18 +328,21 @@ register_system(
 # --------------------------------------------------------------------------- raw bound
 
 
-def _raw_save(wl: Workload, path: str, fsync: bool, options: Mapping[str, Any]) -> None:
+def write_raw(tensors: Iterable[torch.Tensor], path: str, fsync: bool) -> None:
+    """The raw bound's save: the tensors' bytes one after the other in one file
+    (``ndarray.tofile``), ``os.fsync`` if asked."""
     with open(path, "wb") as f:
-        for t in wl.flat.values():
+        for t in tensors:
             _raw_view(t).tofile(f)
         f.flush()
         if fsync:
             os.fsync(f.fileno())
 
 
-def _raw_load(wl: Workload, path: str, options: Mapping[str, Any]) -> None:
+def read_raw_into(tensors: Iterable[torch.Tensor], path: str) -> None:
+    """The raw bound's load: one sequential pass of ``readinto`` straight into ``tensors``."""
     with open(path, "rb", buffering=0) as f:
-        for t in wl.flat.values():
+        for t in tensors:
             view = memoryview(_raw_view(t).reshape(-1).view(np.uint8).data)
             got = 0
             while got < len(view):
@@ -339,6 +350,14 @@ def _raw_load(wl: Workload, path: str, options: Mapping[str, Any]) -> None:
                 if not n:
                     raise EOFError(f"{path} is truncated")
                 got += n
+
+
+def _raw_save(wl: Workload, path: str, fsync: bool, options: Mapping[str, Any]) -> None:
+    write_raw(wl.flat.values(), path, fsync)
+
+
+def _raw_load(wl: Workload, path: str, options: Mapping[str, Any]) -> None:
+    read_raw_into(wl.flat.values(), path)
 
 
 register_system(
