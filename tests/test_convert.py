@@ -15,10 +15,12 @@
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import math
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -437,6 +439,50 @@ def test_dcp_metadata_is_never_unpickled_unsafely(tmp_path: Path) -> None:
     with pytest.raises(UnsafeCheckpointError, match="allow_pickle"):
         convert.from_dcp(tmp_path / "dcp", tmp_path / "ckpt")
     assert not marker.exists()
+
+
+class _EnumByGetattr(pickle.Pickler):
+    """Pickles enum members as ``getattr(EnumClass, "NAME")``, as Python 3.11.0-3.11.4 do."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+def _repickle_metadata(path: Path) -> None:
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    buffer = io.BytesIO()
+    _EnumByGetattr(buffer).dump(metadata)
+    assert b"getattr" in buffer.getvalue()
+    (path / ".metadata").write_bytes(buffer.getvalue())
+
+
+def test_dcp_metadata_from_python_3_11_early_is_read(tmp_path: Path) -> None:
+    """Enum members pickled as getattr(EnumClass, name) (DCP's tensor memory
+    format, on Python 3.11.0-3.11.4) are read without allow_pickle."""
+    state = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    dcp_save(state, str(tmp_path / "dcp"))
+    _repickle_metadata(tmp_path / "dcp")
+    convert.from_dcp(tmp_path / "dcp", tmp_path / "ckpt", fsync=False)
+    assert_same(state, zarrckpt.open(tmp_path / "ckpt").state_dict())
+
+
+def test_dcp_metadata_getattr_outside_its_enums_is_refused(tmp_path: Path) -> None:
+    """getattr on anything but a member of DCP's metadata enums stays refused."""
+    dcp_save({"w": torch.ones(2)}, str(tmp_path / "dcp"))
+    buffer = io.BytesIO()
+    pickle.Pickler(buffer).dump(_GetattrPath())
+    (tmp_path / "dcp" / ".metadata").write_bytes(buffer.getvalue())
+    with pytest.raises(UnsafeCheckpointError, match="getattr"):
+        convert.from_dcp(tmp_path / "dcp", tmp_path / "ckpt")
+
+
+class _GetattrPath:
+    """Unpickles as getattr(pathlib.Path, "cwd"): an allowed class, not an enum member."""
+
+    def __reduce__(self) -> Any:
+        return getattr, (pathlib.Path, "cwd")
 
 
 def test_dcp_values_need_allow_pickle(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ chunks are in memory at a time, whatever the size of the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import json
 import os
@@ -95,6 +96,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            # Python 3.11.0-3.11.4 pickle an enum member as getattr(EnumClass, "NAME")
+            return self._enum_member
         if module == "torch":
             value = getattr(torch, name, None)
             if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
@@ -104,6 +108,25 @@ class _MetadataUnpickler(pickle.Unpickler):
             f"{module}.{name}, which is not one of DCP's metadata types; unpickling it could "
             "run arbitrary code. Pass allow_pickle=True only for checkpoints you trust"
         )
+
+
+    def _enum_member(self, cls: Any, name: Any) -> Any:
+        """``getattr(cls, name)`` restricted to a member of an allowed enum class."""
+        allowed = (
+            isinstance(cls, type)
+            and issubclass(cls, enum.Enum)
+            and (cls.__module__, cls.__qualname__) in _ALLOWED
+            and isinstance(name, str)
+            and name in cls.__members__
+        )
+        if not allowed:
+            raise UnsafeCheckpointError(
+                f"DCP checkpoint {self.path!r}: its {METADATA_FILE} pickle calls "
+                f"getattr({getattr(cls, '__qualname__', type(cls).__name__)}, {name!r}), which "
+                "is not a member of one of DCP's metadata enums; unpickling it could run "
+                "arbitrary code. Pass allow_pickle=True only for checkpoints you trust"
+            )
+        return cls.__members__[name]
 
 
 def read_metadata(path: str, *, allow_pickle: bool) -> tuple[Any, bytes]:
