@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from . import errors
+from ._load_result import LoadResult
 from ._zarr_dtypes import register_zarr_dtypes
 from .api import async_save, load, save
 from .inspect import Checkpoint, open
@@ -51,6 +52,7 @@ __all__ = [
     "convert",
     "errors",
     "load",
+    "LoadResult",
     "open",
     "register_zarr_dtypes",
     "save",

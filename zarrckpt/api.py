@@ -11,11 +11,17 @@ from ._collective import Comm
 from ._file_source import open_file_source
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ._load import LoadPlan
+from ._load_result import LoadResult
 from ._reader import CheckpointFiles
 from ._save import SaveOptions, prepare_local, save_collective
 from ._staging import HostStager
 from ._writer import default_threads
-from .errors import MissingKeysError, ShapeMismatchError, UnsafeCheckpointError
+from .errors import (
+    MissingKeysError,
+    ShapeMismatchError,
+    UnsafeCheckpointError,
+    UnsupportedValueError,
+)
 
 __all__ = ["save", "load", "async_save"]
 
@@ -207,7 +213,7 @@ def load(
     allow_pickle: bool = False,
     threads: int | None = None,
     stats: dict[str, int] | None = None,
-) -> Any:
+) -> LoadResult:
     """Load a checkpoint into ``state_dict`` in place (collective when distributed).
 
     Tensors of ``state_dict`` are filled in place, the same objects afterwards
@@ -215,22 +221,34 @@ def load(
     :meth:`torch.Tensor.copy_`). Each rank reads only the chunks, and within
     large chunks only the inner chunks, that intersect the pieces it holds, so
     any mesh or world size can load a checkpoint written by any other.
-    Meta-device targets are replaced by loaded tensors (DTensors keep their
-    mesh and placements); plain values are replaced by the stored ones;
-    objects with ``load_state_dict`` receive their state.
+    Meta-device tensors are materialized: replaced in the target's containers
+    by loaded CPU tensors of the target's dtype (DTensors keep their mesh and
+    placements, parameters stay parameters with their ``requires_grad``), and
+    assigned into ``nn.Module`` targets as ``load_state_dict(assign=True)``
+    does; no meta tensor is left in the target. Plain values, and containers
+    holding only plain values, are replaced by the stored ones (a stored list
+    keeps its length). Objects with ``load_state_dict`` receive their state;
+    an optimizer's per-parameter state follows the checkpoint as in
+    :meth:`torch.optim.Optimizer.load_state_dict` (a parameter the checkpoint
+    holds no state for ends up without state).
 
     Parameters
     ----------
     state_dict
-        The target: its keys choose what is loaded. Stored keys it lacks are ignored.
+        The target: its keys choose what is loaded. Stored keys it lacks are
+        not loaded (listed in ``unexpected_keys``).
     path
-        Checkpoint directory.
+        Checkpoint directory, or a ``torch.save`` or safetensors file.
     process_group
         Group of the ranks taking part (default: the default group if initialized).
     strict
         Raise :class:`~zarrckpt.errors.MissingKeysError` when a key of
-        ``state_dict`` is not in the checkpoint; with ``strict=False`` such
-        keys keep their values.
+        ``state_dict`` (a tensor, a plain value or a container of plain values)
+        is not in the checkpoint. That is all ``strict`` checks: stored keys the
+        target lacks never raise, and shape mismatches always do. With
+        ``strict=False`` missing keys keep their values and are listed in
+        ``missing_keys``, except meta-device tensors, which have no values to
+        keep: they always raise.
     storage_options
         Options for remote stores (unused for local paths).
     allow_pickle
@@ -244,12 +262,18 @@ def load(
 
     Returns
     -------
-    The same ``state_dict`` object.
+    LoadResult
+        ``missing_keys``: keys of the target the checkpoint lacks (skipped,
+        ``strict=False`` only); ``unexpected_keys``: keys of the checkpoint the
+        target did not ask for.
 
     Raises
     ------
     zarrckpt.errors.CheckpointNotFoundError, IncompleteCheckpointError, CorruptCheckpointError
-        The path holds no committed, intact checkpoint.
+        The path holds no committed, intact checkpoint. A damaged chunk found
+        while reading may leave the tensors read straight into the target
+        partly filled; nothing else (plain values, optimizer state, modules)
+        has been modified.
     zarrckpt.errors.MissingKeysError, ShapeMismatchError
         The target does not match; nothing has been modified.
     zarrckpt.errors.UnsafeCheckpointError
@@ -259,7 +283,7 @@ def load(
     path = os.fspath(path)
     comm = Comm.from_group(process_group)
 
-    def plan() -> tuple[CheckpointFiles, LoadPlan, Any]:
+    def plan() -> tuple[CheckpointFiles, LoadPlan]:
         # a single file (torch.save / safetensors) is read through a memory map
         files = (
             open_file_source(path, allow_pickle=allow_pickle)
@@ -273,7 +297,21 @@ def load(
                 "Pass allow_pickle=True only for checkpoints you trust"
             )
         load_plan = LoadPlan(files, allow_pickle=allow_pickle)
-        result = load_plan.walk(state_dict, files.tree, "")
+        if load_plan.walk(state_dict, files.tree, "", top=True) is not state_dict:
+            raise UnsupportedValueError(
+                f"load fills the target in place, but its root, a {type(state_dict).__name__}, "
+                f"cannot be changed in place to receive checkpoint {path!r}; pass a dict"
+            )
+        if load_plan.meta_missing:
+            meta = load_plan.meta_missing
+            raise MissingKeysError(
+                f"checkpoint {path!r} lacks {len(meta)} key(s) whose target tensors are on "
+                f"the meta device: {meta[:20]}{' ...' if len(meta) > 20 else ''}; a meta "
+                "tensor holds no values, so it cannot be skipped (also not with "
+                "strict=False). Materialize it first (e.g. Module.to_empty) or leave it "
+                "out of the target",
+                meta,
+            )
         if load_plan.mismatched:
             raise ShapeMismatchError(
                 f"checkpoint {path!r} does not match the target state dict: "
@@ -287,9 +325,9 @@ def load(
                 "(pass strict=False to skip them)",
                 missing,
             )
-        return files, load_plan, result
+        return files, load_plan
 
-    files, load_plan, result = comm.agree(plan, f"planning the load of {path!r}")
+    files, load_plan = comm.agree(plan, f"planning the load of {path!r}")
     comm.agree(
         lambda: files.read_many(load_plan.requests, threads=threads or default_threads()),
         f"reading the checkpoint {path!r}",
@@ -298,4 +336,4 @@ def load(
     if stats is not None:
         stats["bytes_read"] = files.bytes_read
         stats["bytes_needed"] = load_plan.bytes_needed
-    return result
+    return LoadResult(missing_keys=list(load_plan.missing), unexpected_keys=load_plan.unexpected())
