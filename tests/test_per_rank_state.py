@@ -109,6 +109,24 @@ def _scenarios(rank: int, world_size: int, root: str) -> dict[str, Any]:
 
     out["per_rank_plain"] = _outcome(save_per_rank_plain)
 
+    # the same through dcp.save and the DCP plug-in (bytes via DCP's BYTE_IO, no pickle)
+    via_dcp = os.path.join(root, "per_rank_dcp")
+
+    def save_per_rank_dcp() -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        sd = {**_common(rank), "dataloader": {f"dp_rank_{rank}": _loader_state(rank)}}
+        dcp.save(sd, storage_writer=zarrckpt.ZarrStorageWriter(via_dcp))
+        target = {
+            "model": {"w": torch.zeros(3, 4)},
+            "big_rng": b"",
+            "dataloader": {f"dp_rank_{rank}": _empty_loader_state()},
+        }
+        zarrckpt.load(target, via_dcp)
+        return target
+
+    out["per_rank_dcp"] = _outcome(save_per_rank_dcp)
+
     # a plain tensor only rank 1 has (written by rank 1)
     only_one = os.path.join(root, "only_rank1")
 
@@ -202,6 +220,21 @@ def test_per_rank_keys_each_rank_loads_its_own(distributed):
         assert loaded["step"] == 7
         assert loaded["rng"] == _common(rank)["rng"]
         assert loaded["big_rng"] == _common(rank)["big_rng"]
+
+
+def test_per_rank_bytes_through_dcp_save_without_pickle(distributed):
+    root, results = distributed
+    for rank, result in enumerate(results):
+        loaded = _ok(result["per_rank_dcp"])
+        assert loaded["dataloader"] == {f"dp_rank_{rank}": _loader_state(rank)}
+        assert loaded["big_rng"] == _common(rank)["big_rng"]
+    manifest = zarrckpt.open(root / "per_rank_dcp").metadata
+    assert manifest["pickled"] == {}
+    assert sorted(manifest["bytes"]) == [
+        "big_rng",
+        "dataloader.dp_rank_0.snapshot",
+        "dataloader.dp_rank_1.snapshot",
+    ]
 
 
 def test_per_rank_keys_load_on_one_process_with_both_ranks_keys(distributed):

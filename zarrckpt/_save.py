@@ -3,8 +3,10 @@
 Phases (each ends with an agreement, so a failure anywhere is raised on every
 rank and nothing is committed):
 
-1. every rank flattens its state dict and describes the pieces it holds;
-   the descriptions are all-gathered and every rank computes the same plan;
+1. every rank flattens its state dict and describes its tree and the pieces
+   it holds; the descriptions are all-gathered and every rank computes the
+   same plan, whose tree is the union of the ranks' trees (keys only some
+   ranks have are kept; different values at one key are refused);
 2. rank 0 checks the destination and creates the staging directory;
 3. every rank writes its share of array metadata and the chunks assigned to
    it, and makes them durable;
