@@ -63,7 +63,9 @@ def _common(rank: int) -> dict[str, Any]:
 def _outcome(fn: Any) -> dict[str, Any]:
     try:
         return {"ok": True, "value": fn()}
-    except Exception as e:  # reported to the parent process, checked there
+    # reported to the parent process, checked there (DCP's CheckpointException is a
+    # BaseException)
+    except BaseException as e:
         return {
             "ok": False,
             "type": type(e).__name__,
