@@ -49,7 +49,7 @@ class MyDict(dict):  # noqa: FURB189
     [
         (Custom(3), "Custom"),
         ({1, 2}, "set"),
-        (b"bytes", "bytes"),
+        (memoryview(b"bytes"), "memoryview"),  # bytes / bytearray are stored (data)
         (3 + 4j, "complex"),
         (Point(1, 2), "Point"),
         (MyList([1]), "MyList"),

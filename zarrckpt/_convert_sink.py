@@ -182,13 +182,20 @@ class CheckpointBuilder:
 
     def add_pickled(self, fqn: str, obj: Any) -> None:
         """Store ``obj`` with pickle (the caller checked ``allow_pickle``)."""
-        data = np.frombuffer(pickle_value(fqn, obj, checkpoint=self.path), np.uint8)
+        self._add_uint8(fqn, pickle_value(fqn, obj, checkpoint=self.path), "pickle")
+
+    def add_bytes(self, fqn: str, data: bytes) -> None:
+        """Store a large bytes value (``{"bytes": {"array": fqn}}`` node) as an array."""
+        self._add_uint8(fqn, data, "bytes")
+
+    def _add_uint8(self, fqn: str, raw: bytes, kind: str) -> None:
+        data = np.frombuffer(raw, np.uint8)
         info = info_for_torch(torch.uint8)
         layout = choose_layout(
             (data.size,), 1, chunk_bytes=self.chunk_bytes, inner_bytes=self.inner_chunk_bytes
         )
-        path = array_path(fqn, "pickle", checkpoint=self.path)
-        entry = ArrayEntry(fqn, path, info, layout, "pickle")
+        path = array_path(fqn, kind, checkpoint=self.path)
+        entry = ArrayEntry(fqn, path, info, layout, kind)
         self._claim(entry)
         write_metadata(self.staging, [entry])
         self.entries.append(entry)
@@ -288,15 +295,19 @@ class CheckpointBuilder:
         self._closed = True
 
     def _check_tree(self, tree: dict[str, Any]) -> None:
-        """Every tensor / pickle node of ``tree`` has an array, and every array a node."""
+        """Every tensor / pickle / bytes-array node of ``tree`` has an array, and every
+        array a node."""
         kinds = {e.fqn: e.kind for e in self.entries}
         seen: set[str] = set()
 
         def visit(node: Any) -> None:
             if isinstance(node, dict):
-                for kind in ("tensor", "pickle"):
-                    if kind in node and isinstance(node[kind], str):
-                        fqn = node[kind]
+                refs = dict(node)
+                if isinstance(node.get("bytes"), dict) and "array" in node["bytes"]:
+                    refs["bytes"] = node["bytes"]["array"]
+                for kind in ("tensor", "pickle", "bytes"):
+                    if kind in refs and isinstance(refs[kind], str):
+                        fqn = refs[kind]
                         if kinds.get(fqn) != kind:
                             raise InvalidKeyError(
                                 f"internal error: {kind} {fqn!r} of checkpoint {self.path!r} "

@@ -40,9 +40,10 @@ import torch
 from ._chunkio import crc32c
 from ._dcp_tree import _is_terminal, _key_str, dcp_leaves, tree_from_leaves, unwrap
 from ._dtypes import numpy_as_tensor
-from ._flatten import decode_plain
 from ._reader import CheckpointFiles, ReadRequest
 from ._storage import is_checkpoint_dir, publish, remove_tree
+from ._torchsave_source import bytes_allowed
+from ._torchsave_writer import decode_for_pickle
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -288,7 +289,8 @@ class DcpSource:
         with self._item(fqn, None) as stream:
             raw = stream.read()
         try:
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            with bytes_allowed():
+                return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             if not self.allow_pickle:
                 raise UnsafeCheckpointError(
@@ -448,6 +450,8 @@ def save_streaming(
     def resolve(kind: str, fqn: str) -> Any:
         if kind == "pickle":
             return files.read_pickled(fqn, allow_pickle=allow_pickle)
+        if kind == "bytes":
+            return files.read_bytes(fqn)
         return files.read_tensor(fqn, threads=threads)
 
     class StreamingPlanner(DefaultSavePlanner):
@@ -499,7 +503,7 @@ def save_streaming(
             leaf = leaves[key]
             if write_item.type == WriteItemType.BYTE_IO:
                 buffer = io.BytesIO()
-                torch.save(decode_plain(leaf.node, resolve), buffer)
+                torch.save(decode_for_pickle(leaf.node, resolve), buffer)
                 return buffer
             entry = files.arrays[leaf.node["tensor"]]
             assert write_item.tensor_data is not None

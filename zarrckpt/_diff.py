@@ -11,13 +11,14 @@ difference of an element is ``|a - b| / max(|a|, |b|)`` (0 where equal).
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._flatten import child_nodes
+from ._flatten import bytes_array_fqn, bytes_length, child_nodes
 from ._metadata import ArrayEntry
 from ._scan import Progress, Slab, pack, plan_slabs, read_region, run_tasks
 
@@ -151,8 +152,9 @@ class DiffReport:
 def tree_leaves(tree: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     """``{fqn: (kind, payload)}`` for every leaf of a manifest tree.
 
-    ``kind`` is ``"tensor"`` or ``"pickle"`` (payload: the stored FQN) or
-    ``"value"`` (payload: the decoded plain value).
+    ``kind`` is ``"tensor"`` or ``"pickle"`` (payload: the stored FQN),
+    ``"bytes"`` (payload: the tree node) or ``"value"`` (payload: the decoded
+    plain value).
     """
     out: dict[str, tuple[str, Any]] = {}
 
@@ -161,6 +163,8 @@ def tree_leaves(tree: dict[str, Any]) -> dict[str, tuple[str, Any]]:
             out[node["tensor"]] = ("tensor", node["tensor"])
         elif "pickle" in node:
             out[node["pickle"]] = ("pickle", node["pickle"])
+        elif "bytes" in node:
+            out[fqn] = ("bytes", node)
         elif "value" in node:
             out[fqn] = ("value", node["value"])
         elif "float" in node:
@@ -175,6 +179,30 @@ def tree_leaves(tree: dict[str, Any]) -> dict[str, tuple[str, Any]]:
 
     walk(tree, "")
     return out
+
+
+def _bytes_of(root: str, node: dict[str, Any], arrays: dict[str, ArrayEntry]) -> Any:
+    """(type, content) of a bytes node, its array read from ``root`` when it is one."""
+    body = node["bytes"]
+    fqn = bytes_array_fqn(node)
+    if fqn is None:
+        data = base64.b64decode(body.get("base64", ""))
+    else:
+        entry = arrays[fqn]
+        data = read_region(root, entry, tuple((0, s) for s in entry.shape)).tobytes()
+    return body.get("bytearray") is True, data
+
+
+def _shown(kind: str, payload: Any, arrays: dict[str, ArrayEntry]) -> Any:
+    """How a leaf appears in ``values_changed``."""
+    if kind == "value":
+        return payload
+    if kind == "bytes":
+        body = payload["bytes"]
+        name = "bytearray" if body.get("bytearray") is True else "bytes"
+        n = bytes_length(payload, lambda fqn: arrays[fqn].nbytes)
+        return f"<{name}: {n} bytes>"
+    return f"<pickled {kind}>"
 
 
 def _upcast(x: np.ndarray) -> np.ndarray:
@@ -284,8 +312,7 @@ def compute_diff(
                 report.kind_changed[key] = (kind_a, kind_b)
             else:
                 report.values_changed[key] = (
-                    payload_a if kind_a == "value" else f"<pickled {kind_a}>",
-                    payload_b if kind_b == "value" else f"<pickled {kind_b}>",
+                    _shown(kind_a, payload_a, pickled_a), _shown(kind_b, payload_b, pickled_b)
                 )
             continue
         if kind_a == "value":
@@ -293,6 +320,12 @@ def compute_diff(
                 report.values_changed[key] = (payload_a, payload_b)
         elif kind_a == "pickle":
             pickles.append((key, pickled_a[payload_a], pickled_b[payload_b]))
+        elif kind_a == "bytes":
+            if _bytes_of(root_a, payload_a, pickled_a) != _bytes_of(root_b, payload_b, pickled_b):
+                report.values_changed[key] = (
+                    _shown(kind_a, payload_a, pickled_a),
+                    _shown(kind_b, payload_b, pickled_b) + " (different content)",
+                )
         else:
             ea, eb = arrays_a[payload_a], arrays_b[payload_b]
             if ea.shape != eb.shape:

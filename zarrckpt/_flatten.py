@@ -8,6 +8,7 @@ docs/format.md ("The state-dict tree").
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +18,23 @@ import torch
 
 from .errors import InvalidKeyError, UnsafeCheckpointError, UnsupportedValueError
 
-__all__ = ["FlatState", "flatten_state_dict", "is_stateful", "decode_plain", "encode_key"]
+__all__ = [
+    "FlatState",
+    "flatten_state_dict",
+    "is_stateful",
+    "decode_plain",
+    "encode_key",
+    "INLINE_BYTES_MAX",
+    "bytes_array_fqn",
+    "bytes_length",
+    "decode_bytes",
+]
 
 JsonNode = dict[str, Any]
+
+#: ``bytes`` / ``bytearray`` values up to this size are stored inline in the tree
+#: (base64); larger ones as 1-D uint8 arrays under ``~bytes/`` (docs/format.md, section 3)
+INLINE_BYTES_MAX = 4096
 
 
 def is_stateful(obj: Any) -> bool:
@@ -40,6 +55,8 @@ class FlatState:
     tensors: dict[str, Any] = field(default_factory=dict)
     #: fqn -> object stored with pickle (only with allow_pickle=True)
     pickled: dict[str, Any] = field(default_factory=dict)
+    #: fqn -> content of a large bytes / bytearray value (node ``{"bytes": {"array": fqn}}``)
+    blobs: dict[str, bytes] = field(default_factory=dict)
 
 
 def _check_text(text: str, *, what: str, checkpoint: str) -> None:
@@ -82,6 +99,65 @@ def _encode_scalar(value: Any) -> JsonNode:
     if isinstance(value, float) and not math.isfinite(value):
         return {"float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
     return {"value": value}
+
+
+def _encode_bytes(obj: bytes | bytearray, fqn: str, blobs: dict[str, bytes]) -> JsonNode:
+    """``{"bytes": {...}}`` node of a bytes value: inline base64 when small, else an array."""
+    body: dict[str, Any]
+    if len(obj) <= INLINE_BYTES_MAX:
+        body = {"base64": base64.b64encode(obj).decode("ascii")}
+    else:
+        blobs[fqn] = bytes(obj)
+        body = {"array": fqn}
+    if isinstance(obj, bytearray):
+        body["bytearray"] = True
+    return {"bytes": body}
+
+
+def bytes_array_fqn(node: JsonNode) -> str | None:
+    """The FQN of the array a ``bytes`` node refers to (None for inline bytes and other nodes)."""
+    body = node.get("bytes")
+    if isinstance(body, dict) and isinstance(body.get("array"), str):
+        return str(body["array"])
+    return None
+
+
+def bytes_length(node: JsonNode, array_length: Callable[[str], int]) -> int:
+    """Length of the value of a ``bytes`` node (``array_length(fqn)`` for arrays)."""
+    body = node["bytes"]
+    fqn = bytes_array_fqn(node)
+    if fqn is not None:
+        return array_length(fqn)
+    text = body.get("base64", "") if isinstance(body, dict) else ""
+    return len(text) // 4 * 3 - text[-2:].count("=")
+
+
+def decode_bytes(node: JsonNode, resolve: Callable[[str, str], Any]) -> Any:
+    """The value of a ``bytes`` node (``resolve("bytes", fqn)`` reads an array's content)."""
+    return _decode_bytes(node["bytes"], resolve)
+
+
+def _decode_bytes(body: Any, resolve: Callable[[str, str], Any]) -> Any:
+    from .errors import CorruptCheckpointError
+
+    if not isinstance(body, dict):
+        raise CorruptCheckpointError(f"malformed bytes node in the state-dict tree: {body!r:.80}")
+    if isinstance(body.get("base64"), str):
+        try:
+            data = base64.b64decode(body["base64"], validate=True)
+        except ValueError as e:
+            raise CorruptCheckpointError(
+                f"bytes node of the state-dict tree holds invalid base64 ({e})"
+            ) from None
+    elif isinstance(body.get("array"), str):
+        data = resolve("bytes", body["array"])
+        if not isinstance(data, (bytes, bytearray)):
+            return data  # a placeholder (e.g. for display), passed through
+    else:
+        raise CorruptCheckpointError(
+            f"bytes node of the state-dict tree has neither 'base64' nor 'array': {body!r:.80}"
+        )
+    return bytearray(data) if body.get("bytearray") is True else bytes(data)
 
 
 def flatten_state_dict(
@@ -139,6 +215,9 @@ def flatten_state_dict(
             return {"pickle": fqn}
         if is_stateful(obj):
             return {"stateful": walk(obj.state_dict(), fqn)}
+        if type(obj) in (bytes, bytearray):
+            claim(fqn)
+            return _encode_bytes(obj, fqn, flat.blobs)
         if _is_plain_scalar(obj) and type(obj) in (bool, int, float, str, type(None)):
             if isinstance(obj, str):
                 _check_text(obj, what=f"string value at key {fqn!r}", checkpoint=checkpoint)
@@ -171,30 +250,46 @@ def pickle_value(fqn: str, obj: Any, *, checkpoint: str) -> bytes:
         ) from e
 
 
-def decode_plain(node: JsonNode, resolve: Callable[[str, str], Any]) -> Any:
+def decode_plain(
+    node: JsonNode,
+    resolve: Callable[[str, str], Any],
+    *,
+    on_bytes: Callable[[JsonNode], Any] | None = None,
+) -> Any:
     """Rebuild the Python value of a tree node.
 
-    ``resolve(kind, fqn)`` returns the value of a ``tensor`` or ``pickle`` node.
+    ``resolve(kind, fqn)`` returns the value of a ``tensor`` or ``pickle`` node,
+    and (kind ``"bytes"``) the content of a bytes value stored as an array.
+    ``on_bytes(node)``, if given, replaces the decoding of every ``bytes`` node
+    (to describe bytes values without reading them).
     """
-    if "value" in node:
-        return node["value"]
-    if "float" in node:
-        return float(node["float"])
-    if "dict" in node:
-        return {_decode_key(k): decode_plain(v, resolve) for k, v in node["dict"]}
-    if "list" in node:
-        return [decode_plain(v, resolve) for v in node["list"]]
-    if "tuple" in node:
-        return tuple(decode_plain(v, resolve) for v in node["tuple"])
-    if "stateful" in node:
-        return decode_plain(node["stateful"], resolve)
-    if "tensor" in node:
-        return resolve("tensor", node["tensor"])
-    if "pickle" in node:
-        return resolve("pickle", node["pickle"])
-    from .errors import CorruptCheckpointError
 
-    raise CorruptCheckpointError(f"unknown state-dict tree node with fields {sorted(node)}")
+    def decode(node: JsonNode) -> Any:
+        if "value" in node:
+            return node["value"]
+        if "float" in node:
+            return float(node["float"])
+        if "dict" in node:
+            return {_decode_key(k): decode(v) for k, v in node["dict"]}
+        if "list" in node:
+            return [decode(v) for v in node["list"]]
+        if "tuple" in node:
+            return tuple(decode(v) for v in node["tuple"])
+        if "stateful" in node:
+            return decode(node["stateful"])
+        if "tensor" in node:
+            return resolve("tensor", node["tensor"])
+        if "pickle" in node:
+            return resolve("pickle", node["pickle"])
+        if "bytes" in node:
+            if on_bytes is not None:
+                return on_bytes(node)
+            return _decode_bytes(node["bytes"], resolve)
+        from .errors import CorruptCheckpointError
+
+        raise CorruptCheckpointError(f"unknown state-dict tree node with fields {sorted(node)}")
+
+    return decode(node)
 
 
 def child_nodes(node: JsonNode) -> dict[Any, JsonNode] | None:

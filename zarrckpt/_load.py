@@ -160,6 +160,8 @@ class LoadPlan:
     def _resolve(self, kind: str, fqn: str) -> Any:
         if kind == "pickle":
             return self.files.read_pickled(fqn, allow_pickle=self.allow_pickle)
+        if kind == "bytes":
+            return self.files.read_bytes(fqn)
         return self._read_new(self.files.arrays[fqn])
 
     def _fill(self, entry: ArrayEntry, target: torch.Tensor, origin: tuple[int, ...]) -> None:

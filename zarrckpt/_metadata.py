@@ -14,9 +14,15 @@ from .errors import CorruptCheckpointError, InvalidKeyError, ZarrCkptError
 
 #: group holding the arrays of pickled objects (``~`` never starts an encoded FQN)
 PICKLE_GROUP = "~pickle"
+#: group holding the arrays of large ``bytes`` values
+BYTES_GROUP = "~bytes"
+#: the format version of checkpoints without the version-2 node forms
+BASE_FORMAT_VERSION = 1
 
 __all__ = [
     "PICKLE_GROUP",
+    "BYTES_GROUP",
+    "tree_format_version",
     "array_path",
     "ArrayEntry",
     "array_document",
@@ -34,7 +40,7 @@ class ArrayEntry:
     path: str
     dtype: DTypeInfo
     layout: ArrayLayout
-    kind: str = "tensor"  # or "pickle"
+    kind: str = "tensor"  # or "pickle", "bytes"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -98,7 +104,7 @@ def root_document(
     from . import __version__
 
     manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": tree_format_version(tree),
         "checkpoint_id": checkpoint_id,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "zarrckpt_version": __version__,
@@ -108,9 +114,27 @@ def root_document(
         "arrays": {e.fqn: e.manifest_entry() for e in entries if e.kind == "tensor"},
         "pickled": {e.fqn: e.manifest_entry() for e in entries if e.kind == "pickle"},
     }
+    blobs = {e.fqn: e.manifest_entry() for e in entries if e.kind == "bytes"}
+    if blobs:
+        manifest["bytes"] = blobs
     if extra:
         manifest.update(extra)
     return group_document({FORMAT_NAME: manifest})
+
+
+def tree_format_version(tree: Any) -> int:
+    """Format version a checkpoint with this tree is written with: 2 when it holds a
+    ``bytes`` node (a node form version-1 readers do not know), else 1."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "bytes" in node:
+                return FORMAT_VERSION
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return BASE_FORMAT_VERSION
 
 
 def check_unique_paths(entries: list[ArrayEntry], *, checkpoint: str) -> None:
@@ -148,18 +172,21 @@ def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry
         expected = array_path(fqn, kind)
     except ZarrCkptError:
         expected = None
-    if kind not in ("tensor", "pickle") or path != expected:
+    if kind not in ("tensor", "pickle", "bytes") or path != expected:
         raise CorruptCheckpointError(
             f"checkpoint {checkpoint!r}: manifest record of {fqn!r} has path {path!r} and kind "
-            f"{kind!r}; expected kind 'tensor' or 'pickle' and path {expected!r}"
+            f"{kind!r}; expected kind 'tensor', 'pickle' or 'bytes' and path {expected!r}"
         )
     return ArrayEntry(fqn, path, dtype, layout, kind)
 
 
 def array_path(fqn: str, kind: str = "tensor", *, checkpoint: str = "?") -> str:
-    """Array path of a stored FQN: tensors at the root, pickled objects under ``~pickle/``."""
+    """Array path of a stored FQN: tensors at the root, pickled objects under ``~pickle/``,
+    large bytes values under ``~bytes/``."""
     path = fqn_to_path(fqn, checkpoint=checkpoint)
-    return path if kind == "tensor" else PICKLE_GROUP + "/" + path
+    if kind == "tensor":
+        return path
+    return (BYTES_GROUP if kind == "bytes" else PICKLE_GROUP) + "/" + path
 
 
 #: zarr.json members that must equal what :func:`array_document` writes

@@ -55,6 +55,11 @@ class CheckpointFiles:
                 fqn: parse_entry(fqn, raw, checkpoint=self.path)
                 for fqn, raw in self.manifest.get("pickled", {}).items()
             }
+            #: large bytes values stored as arrays (format version 2)
+            self.byte_arrays: dict[str, ArrayEntry] = {
+                fqn: parse_entry(fqn, raw, checkpoint=self.path)
+                for fqn, raw in self.manifest.get("bytes", {}).items()
+            }
         except (KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(
                 f"checkpoint {self.path!r}: manifest is malformed ({e!r})"
@@ -151,6 +156,24 @@ class CheckpointFiles:
         dest = np.empty(entry.shape, dtype=np.uint8)
         self.read_many([ReadRequest(entry, dest, (0,))], threads=1)
         return pickle.loads(dest.tobytes())
+
+
+    def read_bytes(self, fqn: str) -> bytes:
+        """Content of a bytes value stored as an array (``{"bytes": {"array": fqn}}``)."""
+        entry = self.byte_arrays.get(fqn)
+        if (
+            entry is None
+            or entry.kind != "bytes"
+            or len(entry.shape) != 1
+            or entry.dtype.numpy_dtype != np.dtype(np.uint8)
+        ):
+            raise CorruptCheckpointError(
+                f"checkpoint {self.path!r}: the tree refers to bytes value {fqn!r}, which has "
+                "no 1-D uint8 array in the manifest's 'bytes' section"
+            )
+        dest = np.empty(entry.shape, dtype=np.uint8)
+        self.read_many([ReadRequest(entry, dest, (0,))], threads=1)
+        return dest.tobytes()
 
 
 #: requests of at least this many bytes go to the thread pool in read_many

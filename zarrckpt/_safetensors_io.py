@@ -339,6 +339,8 @@ def _tree_refs(tree: Any) -> set[str] | None:
             return True
         if kind in ("value", "float"):
             return True
+        if kind == "bytes":  # only inline bytes: a file holds no bytes arrays
+            return isinstance(value, dict) and isinstance(value.get("base64"), str)
         if kind == "stateful":
             return visit(value)
         if kind in ("list", "tuple"):

@@ -3,8 +3,10 @@
 Phases (each ends with an agreement, so a failure anywhere is raised on every
 rank and nothing is committed):
 
-1. every rank flattens its state dict and describes the pieces it holds;
-   the descriptions are all-gathered and every rank computes the same plan;
+1. every rank flattens its state dict and describes its tree and the pieces
+   it holds; the descriptions are all-gathered and every rank computes the
+   same plan, whose tree is the union of the ranks' trees (keys only some
+   ranks have are kept; different values at one key are refused);
 2. rank 0 checks the destination and creates the staging directory;
 3. every rank writes its share of array metadata and the chunks assigned to
    it, and makes them durable;
@@ -13,6 +15,7 @@ rank and nothing is committed):
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from ._metadata import ArrayEntry, array_path, check_unique_paths, root_document
 from ._planning import ArrayPieces, plan_arrays
 from ._sharding import LocalView, describe_leaf, is_tensor_leaf
 from ._storage import check_writable, commit, new_staging_dir, remove_tree, sync_tree
+from ._tree_merge import merge_trees
 from ._writer import ChunkWrite, write_arrays
 from .errors import DistributedSaveError, InvalidKeyError, UnsupportedValueError
 
@@ -66,17 +70,29 @@ class LocalState:
     #: fqn -> list of host numpy arrays, one per block of views[fqn]
     sources: dict[str, list[np.ndarray]]
     pickled: dict[str, bytes] = field(default_factory=dict)
+    #: fqn -> content of the large bytes values (stored as arrays)
+    blobs: dict[str, bytes] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        """What the other ranks need to know (small, no tensor data)."""
+        """What the other ranks need to know (no tensor data): the tree, each
+        tensor's shape, dtype and pieces, the size of each pickled or large
+        bytes value (and a digest of the latter, to compare them across ranks)."""
         return {
-            fqn: (
-                view.global_shape,
-                str(view.dtype),
-                [b.region for b in view.blocks],
-                view.replicated,
-            )
-            for fqn, view in self.views.items()
+            "tree": self.tree,
+            "tensors": {
+                fqn: (
+                    view.global_shape,
+                    str(view.dtype),
+                    [b.region for b in view.blocks],
+                    view.replicated,
+                )
+                for fqn, view in self.views.items()
+            },
+            "pickled": {fqn: len(data) for fqn, data in self.pickled.items()},
+            "blobs": {
+                fqn: (len(data), hashlib.sha256(data).hexdigest())
+                for fqn, data in self.blobs.items()
+            },
         }
 
 
@@ -123,7 +139,7 @@ def prepare_local(
     pickled = {}
     for fqn, obj in flat.pickled.items():
         pickled[fqn] = pickle_value(fqn, obj, checkpoint=path)
-    return LocalState(flat.tree, views, sources, pickled)
+    return LocalState(flat.tree, views, sources, pickled, dict(flat.blobs))
 
 
 def sharding_summary(local: LocalState) -> dict[str, Any]:
@@ -144,41 +160,67 @@ def sharding_summary(local: LocalState) -> dict[str, Any]:
     return {"mesh": mesh, "sharding": sharding}
 
 
-def _check_same_keys(summaries: list[dict[str, Any]], path: str) -> None:
-    keys0 = set(summaries[0])
-    for rank, summary in enumerate(summaries[1:], start=1):
-        if set(summary) != keys0:
-            only0 = sorted(keys0 - set(summary))[:5]
-            only_r = sorted(set(summary) - keys0)[:5]
-            raise InvalidKeyError(
-                f"ranks disagree on the tensors to save in {path!r}: rank 0 only has "
-                f"{only0}, rank {rank} only has {only_r}"
-            )
+def _tensor_holders(tensors: list[dict[str, Any]], path: str) -> dict[str, list[int]]:
+    """FQN -> ranks that have the tensor (rank order, FQNs in order of first appearance);
+    the ranks having a tensor must agree on its global shape and dtype."""
+    holders: dict[str, list[int]] = {}
+    for rank, summary in enumerate(tensors):
         for fqn, (shape, dtype, _, _) in summary.items():
-            shape0, dtype0, _, _ = summaries[0][fqn]
-            if tuple(shape) != tuple(shape0) or dtype != dtype0:
-                raise InvalidKeyError(
-                    f"ranks disagree on tensor {fqn!r} in {path!r}: rank 0 has global shape "
-                    f"{list(shape0)} {dtype0}, rank {rank} has {list(shape)} {dtype}"
-                )
+            if fqn in holders:
+                first = holders[fqn][0]
+                shape0, dtype0, _, _ = tensors[first][fqn]
+                if tuple(shape) != tuple(shape0) or dtype != dtype0:
+                    raise InvalidKeyError(
+                        f"ranks disagree on tensor {fqn!r} in {path!r}: rank {first} has global "
+                        f"shape {list(shape0)} {dtype0}, rank {rank} has {list(shape)} {dtype}"
+                    )
+            holders.setdefault(fqn, []).append(rank)
+    return holders
 
 
-def _build_plan(
-    summaries: list[dict[str, Any]], pickled: dict[str, int], path: str, options: SaveOptions
-) -> tuple[list[ArrayEntry], dict[str, Any]]:
-    """Entries (same on every rank) and the writer map of every array."""
-    _check_same_keys(summaries, path)
+@dataclass
+class SavePlan:
+    """What every rank agreed on: array entries, chunk writers, the merged tree, and
+    the rank writing each pickled or large bytes value."""
+
+    entries: list[ArrayEntry]
+    writers: dict[str, Any]
+    tree: dict[str, Any]
+    value_writers: dict[str, int]
+
+
+def _build_plan(summaries: list[dict[str, Any]], path: str, options: SaveOptions) -> SavePlan:
+    """The plan of a save from every rank's summary (the same on every rank).
+
+    The tree is the union of the ranks' trees; a tensor, pickled or bytes value is
+    written by a rank that has it (see :func:`~zarrckpt._tree_merge.merge_trees`).
+    """
+    tree = merge_trees(
+        [s["tree"] for s in summaries],
+        path=path,
+        blob_digests=[
+            {fqn: f"{n} bytes, sha256 {digest[:16]}" for fqn, (n, digest) in s["blobs"].items()}
+            for s in summaries
+        ],
+    )
+    tensors = [s["tensors"] for s in summaries]
     world = len(summaries)
     arrays = []
-    for fqn, (shape, dtype_name, _, _) in summaries[0].items():
+    dtypes = {}
+    for fqn, ranks in _tensor_holders(tensors, path).items():
+        shape, dtype_name, _, _ = tensors[ranks[0]][fqn]
+        dtypes[fqn] = dtype_name
         info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")), key=fqn, path=path)
         arrays.append(
             ArrayPieces(
                 fqn,
                 tuple(shape),
                 info.numpy_dtype.itemsize,
-                tuple(tuple(tuple(map(tuple, r)) for r in s[fqn][2]) for s in summaries),
-                replicated=all(s[fqn][3] for s in summaries),
+                tuple(
+                    tuple(tuple(map(tuple, r)) for r in s[fqn][2]) if fqn in s else ()
+                    for s in tensors
+                ),
+                replicated=all(tensors[r][fqn][3] for r in ranks),
             )
         )
     plans = plan_arrays(
@@ -187,20 +229,27 @@ def _build_plan(
     entries: list[ArrayEntry] = []
     writers: dict[str, Any] = {}
     for arr, plan in zip(arrays, plans, strict=True):
-        dtype_name = summaries[0][arr.fqn][1]
+        dtype_name = dtypes[arr.fqn]
         info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")))
         entries.append(ArrayEntry(arr.fqn, array_path(arr.fqn, checkpoint=path), info, plan.layout))
         writers[arr.fqn] = plan.writers
     uint8 = info_for_torch(torch.uint8)
-    for fqn, size in pickled.items():
-        layout = choose_layout(
-            (size,), 1, chunk_bytes=options.chunk_bytes, inner_bytes=options.inner_chunk_bytes
-        )
-        entries.append(
-            ArrayEntry(fqn, array_path(fqn, "pickle", checkpoint=path), uint8, layout, "pickle")
-        )
+    value_writers: dict[str, int] = {}
+    for kind, section in (("pickle", "pickled"), ("bytes", "blobs")):
+        for rank, summary in enumerate(summaries):
+            for fqn, size in summary[section].items():
+                if fqn in value_writers:
+                    continue  # the lowest rank holding a value writes it
+                value_writers[fqn] = rank
+                n = size if kind == "pickle" else size[0]
+                layout = choose_layout(
+                    (n,), 1, chunk_bytes=options.chunk_bytes, inner_bytes=options.inner_chunk_bytes
+                )
+                entries.append(
+                    ArrayEntry(fqn, array_path(fqn, kind, checkpoint=path), uint8, layout, kind)
+                )
     check_unique_paths(entries, checkpoint=path)
-    return entries, writers
+    return SavePlan(entries, writers, tree, value_writers)
 
 
 def save_collective(
@@ -208,13 +257,9 @@ def save_collective(
 ) -> None:
     """Phases 1-4 of a save, given this rank's staged state."""
     summaries = comm.all_gather(local.summary())
-    pickled_sizes = {fqn: len(data) for fqn, data in local.pickled.items()}
-    pickled_sizes = comm.broadcast(pickled_sizes)
-    entries, writers = comm.agree(
-        lambda: _build_plan(summaries, pickled_sizes, path, options),
-        f"planning the save of {path!r}",
+    plan = comm.agree(
+        lambda: _build_plan(summaries, path, options), f"planning the save of {path!r}"
     )
-    tree = comm.broadcast(local.tree)
 
     def create_staging() -> str | None:
         if not comm.is_coordinator:
@@ -228,7 +273,7 @@ def save_collective(
     assert isinstance(staging, str)
     try:
         comm.agree(
-            lambda: _write_share(staging, entries, writers, local, comm, options),
+            lambda: _write_share(staging, plan, local, comm, options),
             f"writing the checkpoint {path!r}",
         )
 
@@ -237,8 +282,8 @@ def save_collective(
                 return
             checkpoint_id = uuid.uuid4().hex
             root = root_document(
-                tree=tree,
-                entries=entries,
+                tree=plan.tree,
+                entries=plan.entries,
                 checkpoint_id=checkpoint_id,
                 world_size=comm.world_size,
                 extra={**sharding_summary(local), **extra},
@@ -260,28 +305,25 @@ def save_collective(
 
 
 def _write_share(
-    staging: str,
-    entries: list[ArrayEntry],
-    writers: dict[str, Any],
-    local: LocalState,
-    comm: Comm,
-    options: SaveOptions,
+    staging: str, plan: SavePlan, local: LocalState, comm: Comm, options: SaveOptions
 ) -> None:
     """Write this rank's metadata files and chunks, then make them durable."""
+    entries = plan.entries
     mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
     chunks: list[ChunkWrite] = []
     for entry in entries:
-        if entry.kind == "pickle":
-            if comm.is_coordinator:
-                data = np.frombuffer(local.pickled[entry.fqn], np.uint8)
+        if entry.kind in ("pickle", "bytes"):
+            if plan.value_writers[entry.fqn] == comm.rank:
+                source = local.pickled if entry.kind == "pickle" else local.blobs
+                data = np.frombuffer(source[entry.fqn], np.uint8)
                 chunks.extend(
                     ChunkWrite(entry, idx, data, (0,)) for idx in entry.layout.chunk_indices()
                 )
             continue
-        view = local.views[entry.fqn]
-        for index, (rank, k) in writers[entry.fqn].items():
+        for index, (rank, k) in plan.writers[entry.fqn].items():
             if rank != comm.rank:
                 continue
+            view = local.views[entry.fqn]
             if k >= len(view.blocks):
                 raise DistributedSaveError(
                     f"internal error: rank {comm.rank} was asked to write piece {k} of "

@@ -47,7 +47,9 @@ __all__ = [
 COMMIT_MARKER = "zarrckpt.commit"
 ROOT_METADATA = "zarr.json"
 FORMAT_NAME = "zarrckpt"
-FORMAT_VERSION = 1
+#: newest format version read and written (a checkpoint is written with the lowest
+#: version that can express it: docs/format.md, section 10)
+FORMAT_VERSION = 2
 _STAGING_INFIX = ".zarrckpt-tmp-"
 
 _RENAME_NOREPLACE = 1
@@ -191,12 +193,17 @@ def sync_tree(root: str) -> None:
 
 
 def write_commit_marker(
-    staging: str, root_bytes: bytes, checkpoint_id: str, *, fsync: bool
+    staging: str,
+    root_bytes: bytes,
+    checkpoint_id: str,
+    *,
+    fsync: bool,
+    format_version: int = FORMAT_VERSION,
 ) -> None:
     """Write the commit marker (last file of a checkpoint)."""
     marker = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "checkpoint_id": checkpoint_id,
         "root_metadata_crc32c": crc32c(root_bytes),
     }
@@ -222,7 +229,8 @@ def commit(
     the array data must already be in ``staging`` (and durable, with ``fsync``).
     """
     root_bytes = write_json(os.path.join(staging, ROOT_METADATA), root, fsync=fsync)
-    write_commit_marker(staging, root_bytes, checkpoint_id, fsync=fsync)
+    version = root["attributes"][FORMAT_NAME].get("format_version", FORMAT_VERSION)
+    write_commit_marker(staging, root_bytes, checkpoint_id, fsync=fsync, format_version=version)
     publish(staging, path, overwrite=overwrite, fsync=fsync)
 
 

@@ -68,6 +68,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def bytes_allowed() -> Any:
+    """Context in which ``torch.load(weights_only=True)`` also accepts ``b""``.
+
+    Pickle protocol 2 (``torch.save``'s) writes ``b""`` as a call of the global
+    ``bytes``, which the weights-only unpickler refuses by default; ``bytes``
+    builds data only, so allowing it runs no code.
+    """
+    return torch.serialization.safe_globals([bytes])
+
+
 def load_torch_file(path: str, *, allow_pickle: bool) -> LoadedFile:
     """``torch.load`` with ``mmap=True`` and ``weights_only=True`` (the safe default).
 
@@ -89,7 +99,10 @@ def load_torch_file(path: str, *, allow_pickle: bool) -> LoadedFile:
     def load(weights_only: bool) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.load(path, map_location="cpu", mmap=mmapped, weights_only=weights_only)
+            with bytes_allowed():
+                return torch.load(
+                    path, map_location="cpu", mmap=mmapped, weights_only=weights_only
+                )
 
     try:
         obj = load(True)
@@ -384,7 +397,7 @@ class FileSource:
 
     Has the attributes and methods of :class:`~zarrckpt._reader.CheckpointFiles`
     that loading uses (``path``, ``tree``, ``arrays``, ``pickled``,
-    ``read_pickled``, ``read_into``, ``read_many``, ``bytes_read``).
+    ``read_pickled``, ``read_bytes``, ``read_into``, ``read_many``, ``bytes_read``).
     """
 
     path: str
@@ -404,6 +417,7 @@ class FileSource:
                 )
             self.arrays[fqn] = FileEntry(fqn, info, tuple(t.shape), t)
         self._objects = dict(flat.pickled)
+        self._blobs = dict(flat.blobs)
         #: values that needed plain pickle to load (only with allow_pickle=True)
         self.pickled = dict(flat.pickled) if unsafe else {}
         self.bytes_read = 0
@@ -416,6 +430,10 @@ class FileSource:
                 "allow_pickle=True only for files you trust"
             )
         return self._objects[fqn]
+
+    def read_bytes(self, fqn: str) -> bytes:
+        """A large bytes value of the file."""
+        return self._blobs[fqn]
 
     def read_into(self, request: Any) -> int:
         """Copy the requested region of a tensor into ``request.dest``."""

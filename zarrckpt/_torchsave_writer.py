@@ -39,7 +39,14 @@ import torch
 from ._storage import _fsync_path, check_writable, new_staging_dir, remove_tree
 from .errors import CheckpointExistsError, UnsupportedValueError
 
-__all__ = ["TensorStub", "StorageStub", "TorchSaveWriter", "pwrite_all"]
+__all__ = [
+    "EmptyBytes",
+    "decode_for_pickle",
+    "TensorStub",
+    "StorageStub",
+    "TorchSaveWriter",
+    "pwrite_all",
+]
 
 _PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
 _ALIGNMENT = 64
@@ -87,6 +94,33 @@ def _storage_type(dtype: torch.dtype) -> Any:
         return torch.storage.UntypedStorage
     name = torch.storage._dtype_to_storage_type_map()[dtype]
     return getattr(torch, name)
+
+
+class EmptyBytes:
+    """Pickles as ``b""`` in a form ``torch.load(weights_only=True)`` accepts.
+
+    Protocol 2 pickles ``b""`` as a call of the global ``bytes``, which the
+    weights-only unpickler refuses (a ``torch.save`` file holding ``b""`` needs
+    ``weights_only=False``); non-empty bytes are ``_codecs.encode(text, "latin1")``
+    calls, which it accepts, and so is this.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import codecs
+
+        return codecs.encode, ("", "latin1")
+
+
+def decode_for_pickle(node: dict[str, Any], resolve: Callable[[str, str], Any]) -> Any:
+    """:func:`~zarrckpt._flatten.decode_plain` for a value about to be ``torch.save``'d:
+    ``b""`` becomes :class:`EmptyBytes`, so ``torch.load(weights_only=True)`` reads it."""
+    from ._flatten import decode_bytes, decode_plain
+
+    def on_bytes(node: dict[str, Any]) -> Any:
+        value = decode_bytes(node, resolve)
+        return EmptyBytes() if type(value) is bytes and not value else value
+
+    return decode_plain(node, resolve, on_bytes=on_bytes)
 
 
 class _Pickler(pickle.Pickler):

@@ -286,7 +286,7 @@ def _read_manifest(path: str, marker: dict[str, Any] | None, report: VerifyRepor
 
 def _entries(path: str, manifest: dict[str, Any], report: VerifyReport) -> list[ArrayEntry]:
     entries = []
-    for section in ("arrays", "pickled"):
+    for section in ("arrays", "pickled", "bytes"):
         records = manifest.get(section, {})
         if not isinstance(records, dict):
             report.problems.append(Problem(

@@ -136,6 +136,8 @@ def _jsonable(value: Any) -> Any:
         return _jsonable(value.to_dict())
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         return _jsonable(value.item())
+    if isinstance(value, (bytes, bytearray)):
+        return {type(value).__name__: len(value)}
     return value
 
 
@@ -445,12 +447,12 @@ def _tree_json(node: Any) -> Any:
 
 def _tree_lines(node: Any, depth: int = 0) -> Iterator[tuple[int, str, Any]]:
     """(depth, label, leaf or None) for each line of the tree."""
-    from .inspect import PickledInfo, TensorInfo
+    from .inspect import BytesInfo, PickledInfo, TensorInfo
 
     items: Any
     items = node.items() if isinstance(node, dict) else enumerate(node)
     for key, value in items:
-        if isinstance(value, (TensorInfo, PickledInfo)) or not isinstance(
+        if isinstance(value, (TensorInfo, PickledInfo, BytesInfo)) or not isinstance(
             value, (dict, list, tuple)
         ) or not value:
             yield depth, str(key), value
@@ -460,12 +462,14 @@ def _tree_lines(node: Any, depth: int = 0) -> Iterator[tuple[int, str, Any]]:
 
 
 def _leaf_text(value: Any) -> str:
-    from .inspect import PickledInfo, TensorInfo
+    from .inspect import BytesInfo, PickledInfo, TensorInfo
 
     if isinstance(value, TensorInfo):
         return f"{value.dtype}{fmt_shape(value.shape)}"
     if isinstance(value, PickledInfo):
         return f"pickled ({value.nbytes} bytes)"
+    if isinstance(value, BytesInfo):
+        return f"{value.type} ({value.nbytes} bytes)"
     return "= " + json.dumps(_jsonable(value))
 
 

@@ -34,6 +34,7 @@ import torch
 from ._convert_sink import CheckpointBuilder, ProgressFn, ProgressTracker
 from ._dcp_io import DcpSource, is_dcp_dir, save_streaming
 from ._dtypes import info_for_torch, tensor_as_numpy
+from ._flatten import INLINE_BYTES_MAX
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ._metadata import ArrayEntry
 from ._planning import ArrayPieces, plan_arrays
@@ -61,7 +62,7 @@ from ._torchsave_source import (
     restore_containers,
     verify_records,
 )
-from ._torchsave_writer import StorageStub, TensorStub, TorchSaveWriter
+from ._torchsave_writer import StorageStub, TensorStub, TorchSaveWriter, decode_for_pickle
 from ._writer import default_threads
 from .errors import (
     CheckpointExistsError,
@@ -303,6 +304,8 @@ def from_torch_save(
             )
         for fqn, obj in flat.pickled.items():
             builder.add_pickled(fqn, obj)
+        for fqn, data in flat.blobs.items():
+            builder.add_bytes(fqn, data)
         builder.commit(flat.tree, extra={MANIFEST_MEMBER: record})
     return ConvertResult(src, dst, "torch", "zarrckpt", len(flat.tensors), total)
 
@@ -386,18 +389,18 @@ def to_torch_save(
         first_fqn[id(stub.storage)] = fqn
         return stub
 
-    from ._flatten import decode_plain
-
     def resolve(kind: str, fqn: str) -> Any:
         if kind == "pickle":
             return files.read_pickled(fqn, allow_pickle=allow_pickle)
+        if kind == "bytes":
+            return files.read_bytes(fqn)
         if fqn not in files.arrays:
             raise CorruptCheckpointError(
                 f"checkpoint {src_path!r}: the tree refers to tensor {fqn!r}, which has no array"
             )
         return stub_for(fqn)
 
-    obj = restore_containers(decode_plain(files.tree, resolve), record)
+    obj = restore_containers(decode_for_pickle(files.tree, resolve), record)
     n_threads = _threads(threads)
     with TorchSaveWriter(dst, overwrite=overwrite, fsync=fsync) as writer:
         order = writer.layout(obj)
@@ -559,6 +562,12 @@ def to_safetensors(
             f"checkpoint {src_path!r} stores pickled values ({sorted(files.pickled)[:5]}); "
             "safetensors holds only tensors and string metadata, so they cannot be converted"
         )
+    if files.byte_arrays:
+        raise UnsupportedValueError(
+            f"checkpoint {src_path!r} stores bytes values larger than {INLINE_BYTES_MAX} bytes "
+            f"({sorted(files.byte_arrays)[:5]}); safetensors holds only tensors and string "
+            "metadata, so they cannot be converted (convert to torch.save or DCP instead)"
+        )
     _check_output_file(dst, overwrite, "safetensors file")
     record = _conversion_record(files)
     header_md: dict[str, str] = {}
@@ -672,6 +681,7 @@ def from_dcp(
     nodes: dict[str, dict[str, Any]] = {}
     value_tensors: dict[str, torch.Tensor] = {}
     pickled: dict[str, Any] = {}
+    blobs: dict[str, bytes] = {}
     for key in source.keys:
         if key in source.tensors:
             nodes[key] = {"tensor": key}
@@ -681,6 +691,7 @@ def from_dcp(
         nodes[key] = flat.tree["dict"][0][1]
         value_tensors.update(flat.tensors)
         pickled.update(flat.pickled)
+        blobs.update(flat.blobs)
     tree = source.build_tree(nodes.__getitem__)
     plans = []
     total = 0
@@ -744,6 +755,8 @@ def from_dcp(
             )
         for fqn, obj in pickled.items():
             builder.add_pickled(fqn, obj)
+        for fqn, data in blobs.items():
+            builder.add_bytes(fqn, data)
         record = {"source_format": "dcp", **carried_record(source.sidecar_record())}
         builder.commit(tree, extra={MANIFEST_MEMBER: record})
     return ConvertResult(src, dst, "dcp", "zarrckpt", len(plans) + len(value_tensors), total)

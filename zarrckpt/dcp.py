@@ -76,10 +76,10 @@ from torch.futures import Future
 
 from ._dcp_tree import DcpLeaf, dcp_leaves, tree_from_leaves
 from ._dtypes import info_for_torch, numpy_as_tensor, tensor_as_numpy
-from ._flatten import decode_plain, flatten_state_dict, pickle_value
+from ._flatten import flatten_state_dict, pickle_value
 from ._fqn import fqn_to_path
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, Region, choose_layout
-from ._metadata import ArrayEntry, check_unique_paths, parse_entry, root_document
+from ._metadata import ArrayEntry, array_path, check_unique_paths, parse_entry, root_document
 from ._planning import ArrayPieces, plan_arrays
 from ._reader import CheckpointFiles, ReadRequest
 from ._save import host_tensor
@@ -91,6 +91,8 @@ from ._storage import (
     remove_tree,
     sync_tree,
 )
+from ._torchsave_source import bytes_allowed
+from ._torchsave_writer import decode_for_pickle
 from ._writer import ChunkWrite, default_threads, write_arrays
 from .errors import (
     CorruptCheckpointError,
@@ -468,6 +470,7 @@ class ZarrStorageWriter(StorageWriter):
                         "node": node,
                         "arrays": {e.fqn: e.manifest_entry() for e in extra if e.kind == "tensor"},
                         "pickled": {e.fqn: e.manifest_entry() for e in extra if e.kind == "pickle"},
+                        "bytes": {e.fqn: e.manifest_entry() for e in extra if e.kind == "bytes"},
                     },
                 )
             )
@@ -507,7 +510,8 @@ class ZarrStorageWriter(StorageWriter):
     ) -> tuple[dict[str, Any], list[ArrayEntry], list[ChunkWrite]]:
         """Tree node of a ``torch.save``'d leaf, plus the arrays holding its tensors/pickles."""
         try:
-            value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            with bytes_allowed():
+                value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:
             if not self.allow_pickle:
                 raise UnsafeCheckpointError(
@@ -547,13 +551,17 @@ class ZarrStorageWriter(StorageWriter):
             origin = (0,) * len(layout.shape)
             writes.extend(ChunkWrite(entry, idx, source, origin) for idx in layout.chunk_indices())
         uint8 = info_for_torch(torch.uint8)
-        for pfqn, obj in flat.pickled.items():
-            data = np.frombuffer(pickle_value(pfqn, obj, checkpoint=self.path), np.uint8)
+        values = [
+            ("pickle", pfqn, pickle_value(pfqn, obj, checkpoint=self.path))
+            for pfqn, obj in flat.pickled.items()
+        ] + [("bytes", bfqn, blob) for bfqn, blob in flat.blobs.items()]
+        for kind, vfqn, raw_value in values:
+            data = np.frombuffer(raw_value, np.uint8)
             layout = choose_layout(
                 (data.size,), 1, chunk_bytes=self.chunk_bytes, inner_bytes=self.inner_chunk_bytes
             )
-            path = "~pickle/" + fqn_to_path(pfqn, checkpoint=self.path)
-            entry = ArrayEntry(pfqn, path, uint8, layout, "pickle")
+            path = array_path(vfqn, kind, checkpoint=self.path)
+            entry = ArrayEntry(vfqn, path, uint8, layout, kind)
             entries.append(entry)
             writes.extend(ChunkWrite(entry, idx, data, (0,)) for idx in layout.chunk_indices())
         return node, entries, writes
@@ -586,7 +594,7 @@ class ZarrStorageWriter(StorageWriter):
     def _commit(self, staging: str, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         values: dict[str, dict[str, Any]] = {}
         extra: dict[str, ArrayEntry] = {}
-        pickled: list[ArrayEntry] = []
+        value_arrays: list[ArrayEntry] = []  # pickled objects and large bytes values
         written = dict.fromkeys(self._entries, 0)
         for rank_results in results:
             for result in rank_results:
@@ -606,7 +614,9 @@ class ZarrStorageWriter(StorageWriter):
                             )
                         extra[afqn] = parse_entry(afqn, raw, checkpoint=self.path)
                     for pfqn, raw in data["pickled"].items():
-                        pickled.append(parse_entry(pfqn, raw, checkpoint=self.path))
+                        value_arrays.append(parse_entry(pfqn, raw, checkpoint=self.path))
+                    for bfqn, raw in data.get("bytes", {}).items():
+                        value_arrays.append(parse_entry(bfqn, raw, checkpoint=self.path))
                 else:
                     written[fqn] = written.get(fqn, 0) + len(data["chunks"])
         for fqn, entry in self._entries.items():
@@ -634,7 +644,7 @@ class ZarrStorageWriter(StorageWriter):
             leaves.append((key, tuple(mappings.get(key, (key,))), node))
         tree = tree_from_leaves(leaves, checkpoint=self.path)
         arrays = {**self._entries, **extra}
-        entries = [arrays[fqn] for fqn in dict.fromkeys(_tree_tensors(tree))] + pickled
+        entries = [arrays[fqn] for fqn in dict.fromkeys(_tree_tensors(tree))] + value_arrays
         check_unique_paths(entries, checkpoint=self.path)
         checkpoint_id = uuid.uuid4().hex
         root = root_document(
@@ -886,10 +896,12 @@ class ZarrStorageReader(StorageReader):
         def resolve(kind: str, fqn: str) -> Any:
             if kind == "pickle":
                 return files.read_pickled(fqn, allow_pickle=self.allow_pickle)
+            if kind == "bytes":
+                return files.read_bytes(fqn)
             return files.read_tensor(fqn, threads=self.threads)
 
         try:
-            return decode_plain(leaf.node, resolve)
+            return decode_for_pickle(leaf.node, resolve)  # torch.save'd for DCP
         except KeyError as e:
             raise CorruptCheckpointError(
                 f"checkpoint {self.path!r}, key {leaf.key!r}: the tree refers to {e}, "

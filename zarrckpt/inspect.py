@@ -25,7 +25,7 @@ import torch
 
 from ._chunkio import ChunkReader
 from ._diff import DiffReport, TensorDiff, compute_diff
-from ._flatten import decode_plain
+from ._flatten import bytes_length, decode_plain
 from ._metadata import ArrayEntry, check_array_document
 from ._reader import CheckpointFiles, ReadRequest
 from ._scan import Progress
@@ -35,6 +35,7 @@ from ._writer import default_threads
 from .errors import CorruptCheckpointError, MissingKeysError
 
 __all__ = [
+    "BytesInfo",
     "Checkpoint",
     "CheckpointInfo",
     "DiffReport",
@@ -156,6 +157,20 @@ class PickledInfo:
 
     def __repr__(self) -> str:
         return f"PickledInfo({self.fqn!r}, {self.nbytes} bytes)"
+
+
+@dataclass(frozen=True)
+class BytesInfo:
+    """A ``bytes`` / ``bytearray`` value as it appears in :meth:`Checkpoint.tree` (not read)."""
+
+    nbytes: int
+    type: str = "bytes"  # or "bytearray"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.type: self.nbytes}
+
+    def __repr__(self) -> str:
+        return f"BytesInfo({self.type}, {self.nbytes} bytes)"
 
 
 @dataclass(frozen=True)
@@ -304,6 +319,8 @@ class Checkpoint:
         def resolve(kind: str, fqn: str) -> Any:
             if kind == "pickle":
                 return self._files.read_pickled(fqn, allow_pickle=allow_pickle)
+            if kind == "bytes":
+                return self._files.read_bytes(fqn)
             entry = self._files.arrays[fqn]
             from ._dtypes import numpy_as_tensor
 
@@ -362,7 +379,8 @@ class Checkpoint:
 
         Containers are rebuilt as saved (dicts with their str/int keys, lists,
         tuples); tensors are :class:`TensorInfo`, pickled objects
-        :class:`PickledInfo`, plain values themselves.
+        :class:`PickledInfo`, bytes values :class:`BytesInfo`, plain values
+        themselves.
         """
 
         def resolve(kind: str, fqn: str) -> Any:
@@ -370,7 +388,21 @@ class Checkpoint:
                 return PickledInfo(fqn, self._files.pickled[fqn].nbytes)
             return self.tensor_info(fqn)
 
-        return decode_plain(self._files.tree, resolve)
+        def on_bytes(node: dict[str, Any]) -> BytesInfo:
+            def array_length(fqn: str) -> int:
+                entry = self._files.byte_arrays.get(fqn)
+                if entry is None:
+                    raise CorruptCheckpointError(
+                        f"checkpoint {self.path!r}: the tree refers to bytes value {fqn!r}, "
+                        "which the manifest's 'bytes' section does not hold"
+                    )
+                return entry.nbytes
+
+            body = node["bytes"]
+            kind = "bytearray" if isinstance(body, dict) and body.get("bytearray") else "bytes"
+            return BytesInfo(bytes_length(node, array_length), kind)
+
+        return decode_plain(self._files.tree, resolve, on_bytes=on_bytes)
 
     def _entries(self, pattern: str | None) -> list[ArrayEntry]:
         entries = [self._files.arrays[k] for k in self.select(pattern)]
@@ -461,11 +493,12 @@ class Checkpoint:
             self.path,
             self.metadata,
             self._files.arrays,
-            self._files.pickled,
+            # pickled objects and large bytes values: uint8 arrays, FQNs disjoint
+            {**self._files.pickled, **self._files.byte_arrays},
             other.path,
             other.metadata,
             other._files.arrays,
-            other._files.pickled,
+            {**other._files.pickled, **other._files.byte_arrays},
             rtol=rtol,
             atol=atol,
             progress=progress,
