@@ -6,11 +6,12 @@ straight into the target's memory where possible) and what to put back
 modifying anything; the caller runs the reads and applies the changes only
 when the whole plan is valid.
 
-What the target's structure decides: the keys of its dicts and the positions
-of its lists and tuples that hold tensors or Stateful objects. Containers of
-plain values take the stored structure (as DCP loads lists of plain values
-whole), and the per-parameter entries of an optimizer state dict follow the
-checkpoint, as ``Optimizer.load_state_dict`` does.
+What the target's structure decides: the keys of its dicts (always, as in
+DCP, so that per-rank keys stay per rank) and the positions of its lists and
+tuples that hold tensors or Stateful objects. Lists and tuples of plain values
+take the stored structure (as DCP loads them whole), and the per-parameter
+entries of an optimizer state dict follow the checkpoint, as
+``Optimizer.load_state_dict`` does.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _meta_fqns(obj: Any, fqn: str) -> list[str]:
 
 def _holds_state(obj: Any) -> bool:
     """True for tensors and Stateful objects and for containers holding any: their
-    structure is the target's. Containers of plain values take the stored structure."""
+    structure is the target's. Lists and tuples of plain values take the stored structure."""
     if is_tensor_leaf(obj) or is_stateful(obj):
         return True
     if isinstance(obj, dict):
@@ -243,7 +244,11 @@ class LoadPlan:
         if is_stateful(target):
             self._stateful(target, node, fqn)
             return target
-        if not isinstance(target, (dict, list, tuple)) or not (top or _holds_state(target)):
+        if not isinstance(target, (dict, list, tuple)) or not (
+            top or isinstance(target, dict) or _holds_state(target)
+        ):
+            # dicts are matched key by key (the target chooses, as in DCP: per-rank
+            # keys stay per rank); lists and tuples of plain values are replaced whole
             return self._plain(target, node, fqn)
         children = child_nodes(node) if node is not None else None
         if isinstance(target, dict):

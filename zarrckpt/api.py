@@ -225,9 +225,9 @@ def load(
     by loaded CPU tensors of the target's dtype (DTensors keep their mesh and
     placements, parameters stay parameters with their ``requires_grad``), and
     assigned into ``nn.Module`` targets as ``load_state_dict(assign=True)``
-    does; no meta tensor is left in the target. Plain values, and containers
-    holding only plain values, are replaced by the stored ones (a stored list
-    keeps its length). Objects with ``load_state_dict`` receive their state;
+    does; no meta tensor is left in the target. Plain values, and lists and
+    tuples holding only plain values, are replaced by the stored ones (a stored
+    list keeps its length); dicts are always matched key by key. Objects with ``load_state_dict`` receive their state;
     an optimizer's per-parameter state follows the checkpoint as in
     :meth:`torch.optim.Optimizer.load_state_dict` (a parameter the checkpoint
     holds no state for ends up without state).
@@ -243,8 +243,8 @@ def load(
         Group of the ranks taking part (default: the default group if initialized).
     strict
         Raise :class:`~zarrckpt.errors.MissingKeysError` when a key of
-        ``state_dict`` (a tensor, a plain value or a container of plain values)
-        is not in the checkpoint. That is all ``strict`` checks: stored keys the
+        ``state_dict`` (a tensor, a plain value or a list or tuple of plain
+        values) is not in the checkpoint. That is all ``strict`` checks: stored keys the
         target lacks never raise, and shape mismatches always do. With
         ``strict=False`` missing keys keep their values and are listed in
         ``missing_keys``, except meta-device tensors, which have no values to
