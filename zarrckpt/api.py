@@ -11,6 +11,7 @@ from ._collective import Comm
 from ._file_source import open_file_source
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ._load import LoadPlan
+from ._paths import check_path
 from ._reader import CheckpointFiles
 from ._save import SaveOptions, prepare_local, save_collective
 from ._staging import HostStager
@@ -100,8 +101,7 @@ def save(
     zarrckpt.errors.DistributedSaveError
         Another rank failed; nothing was committed.
     """
-    del storage_options
-    path = os.fspath(path)
+    path = check_path(path, storage_options=storage_options)
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     local = comm.agree(
@@ -175,8 +175,7 @@ def async_save(
         Resolves to None when the checkpoint is committed; ``result()``
         raises the save's error otherwise.
     """
-    del storage_options
-    path = os.fspath(path)
+    path = check_path(path, storage_options=storage_options)
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     background = _background_comm(comm)
@@ -255,8 +254,7 @@ def load(
     zarrckpt.errors.UnsafeCheckpointError
         The checkpoint holds pickled objects and ``allow_pickle`` is False.
     """
-    del storage_options
-    path = os.fspath(path)
+    path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
 
     def plan() -> tuple[CheckpointFiles, LoadPlan, Any]:
