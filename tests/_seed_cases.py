@@ -938,8 +938,13 @@ def async_save_scenario(rank: int, world_size: int, path: str) -> dict[str, Any]
     chk.equal(target["step"], torch.tensor(3), "final checkpoint holds the second step")
     chk.true(not staging_dirs(path), f"no staging directory left: {staging_dirs(path)}")
 
-    # 3. an error surfaces on result() as a zarrckpt error
-    bad = os.path.join(os.path.dirname(path), "no-such-parent", "ckpt")
+    # 3. an error surfaces on result() as a zarrckpt error (missing parents are
+    # created, so the parent is a file here)
+    blocker = os.path.join(os.path.dirname(path), "no-such-parent")
+    if rank == 0:
+        with open(blocker, "w") as f:
+            f.write("a file, not a directory")
+    bad = os.path.join(blocker, "ckpt")
     start = time.monotonic()
     fut = zarrckpt.async_save(state, bad)
     try:

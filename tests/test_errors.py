@@ -104,13 +104,15 @@ def test_not_found_for_a_plain_file(ckpt_dir: Any) -> None:
     assert str(f) in str(info.value)
 
 
-def test_save_into_missing_parent(ckpt_dir: Any) -> None:
+def test_save_below_a_file(ckpt_dir: Any) -> None:
+    # missing parents are created (tests/test_path_errors.py); a file in the way is refused
+    (ckpt_dir / "no").write_bytes(b"a file")
     path = str(ckpt_dir / "no" / "such" / "dir")
     with pytest.raises(ZarrCkptError) as info:
         zarrckpt.save({"x": torch.zeros(1)}, path)
     assert isinstance(info.value, OSError)
-    assert "no" in str(info.value)
-    assert not os.path.exists(ckpt_dir / "no")
+    assert "no" in str(info.value) and "not a directory" in str(info.value)
+    assert (ckpt_dir / "no").read_bytes() == b"a file"
 
 
 def test_exists(saved: str) -> None:

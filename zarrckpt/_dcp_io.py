@@ -40,6 +40,7 @@ import torch
 from ._chunkio import crc32c
 from ._dcp_tree import _is_terminal, _key_str, dcp_leaves, tree_from_leaves, unwrap
 from ._dtypes import numpy_as_tensor
+from ._paths import make_parents
 from ._reader import CheckpointFiles, ReadRequest
 from ._storage import is_checkpoint_dir, publish, remove_tree
 from ._torchsave_source import bytes_allowed
@@ -370,11 +371,7 @@ def _replace_leaves(
 def check_dcp_writable(path: str, *, overwrite: bool) -> None:
     """Refuse to replace anything but a DCP or zarrckpt checkpoint or an empty directory."""
     if not os.path.lexists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise CheckpointNotFoundError(
-                f"cannot write DCP checkpoint {path!r}: parent directory {parent!r} does not exist"
-            )
+        make_parents(path)
         return
     if not overwrite:
         raise CheckpointExistsError(

@@ -49,15 +49,29 @@ class SafetensorsFile(FileSource):
         super().__init__(path, FlatState(tree, tensors, {}), unsafe=False)
 
 
+def _head(path: str, n: int = 32) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
 def _is_safetensors(path: str) -> bool:
     if path.lower().endswith(".safetensors"):
         return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
+    head = _head(path, 9)
     return len(head) == 9 and head[8:9] == b"{"
+
+
+#: torch.serialization.MAGIC_NUMBER as pickled (LONG1) at the start of a legacy torch.save file
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _is_legacy_torch_save(path: str) -> bool:
+    """A pre-1.6 (non-zip) torch.save file: a pickle starting with torch's magic number."""
+    head = _head(path)
+    return head[:1] == b"\x80" and _LEGACY_MAGIC in head
 
 
 def open_file_source(path: str, *, allow_pickle: bool) -> Any:
@@ -72,10 +86,11 @@ def open_file_source(path: str, *, allow_pickle: bool) -> Any:
         return TorchSaveFile(path, allow_pickle=allow_pickle)
     if _is_safetensors(path):
         return SafetensorsFile(path)
-    try:
-        return TorchSaveFile(path, allow_pickle=allow_pickle)  # legacy torch.save format
-    except CorruptCheckpointError:
-        raise CorruptCheckpointError(
-            f"{path!r} is a file but neither a torch.save file nor a safetensors file; "
-            "zarrckpt.load reads those and zarrckpt checkpoint directories"
-        ) from None
+    if _is_legacy_torch_save(path):
+        return TorchSaveFile(path, allow_pickle=allow_pickle)
+    head = _head(path, 8)
+    raise CorruptCheckpointError(
+        f"{path!r} is a file but neither a torch.save file nor a safetensors file (it "
+        f"starts with bytes {head.hex(' ') or '(none: it is empty)'}; or it is damaged), "
+        "and a zarrckpt checkpoint is a directory: zarrckpt.load reads those three"
+    )

@@ -29,6 +29,7 @@ from ._dtypes import info_for_torch, tensor_as_numpy
 from ._flatten import flatten_state_dict, pickle_value
 from ._layout import choose_layout
 from ._metadata import ArrayEntry, array_path, check_unique_paths, root_document
+from ._paths import wait_visible
 from ._planning import ArrayPieces, plan_arrays
 from ._sharding import LocalView, describe_leaf, is_tensor_leaf
 from ._storage import check_writable, commit, new_staging_dir, remove_tree, sync_tree
@@ -309,6 +310,7 @@ def _write_share(
 ) -> None:
     """Write this rank's metadata files and chunks, then make them durable."""
     entries = plan.entries
+    wait_visible(staging, rank=comm.rank)  # rank 0 created it (NFS caches)
     mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
     chunks: list[ChunkWrite] = []
     for entry in entries:

@@ -92,29 +92,45 @@ def is_checkpoint_dir(path: str) -> bool:
 
 
 def check_writable(path: str, *, overwrite: bool) -> None:
-    """Refuse to save over an existing path unless allowed and safe.
+    """Refuse to save over an existing path unless allowed and safe; create
+    missing parent directories of a new path.
 
-    With ``overwrite=True`` only a zarrckpt checkpoint, an empty directory or a
-    regular file is replaced; any other directory is refused so that a typo
-    cannot delete unrelated data.
+    With ``overwrite=True`` only a zarrckpt checkpoint holding nothing else,
+    an empty directory or a regular file is replaced; any other directory is
+    refused so that a typo cannot delete unrelated data.
     """
+    # imported here: _paths and _inplace build on this module
+    from ._inplace import foreign_entries
+    from ._paths import describe_contents, few, make_parents
+
     if not os.path.lexists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise CheckpointNotFoundError(
-                f"cannot save checkpoint {path!r}: parent directory {parent!r} does not exist"
-            )
+        make_parents(path)
         return
+    is_dir = os.path.isdir(path) and not os.path.islink(path)
+    if is_dir and os.listdir(path) and not is_checkpoint_dir(path):
+        _kind, text = describe_contents(path)
+        raise CheckpointExistsError(
+            f"refusing to save to {path!r}: it {text}, not a zarrckpt checkpoint. A "
+            "checkpoint is written as a directory of its own (published by one atomic "
+            "rename, which replaces the whole directory on overwrite), so it is never "
+            "written into a directory holding other files: choose a new path such as "
+            f"{os.path.join(path, 'checkpoint')!r}, or write beside those files with "
+            "dcp.save(state_dict, storage_writer=zarrckpt.ZarrStorageWriter(path)), "
+            "which keeps them"
+        )
     if not overwrite:
         raise CheckpointExistsError(
             f"checkpoint path {path!r} already exists; pass overwrite=True to replace it "
             "(the old checkpoint stays intact until the new one is committed)"
         )
-    is_dir = os.path.isdir(path) and not os.path.islink(path)
-    if is_dir and os.listdir(path) and not is_checkpoint_dir(path):
+    foreign = foreign_entries(path) if is_dir else []
+    if foreign:
         raise CheckpointExistsError(
-            f"refusing to overwrite {path!r}: it is a non-empty directory that is not "
-            "a zarrckpt checkpoint"
+            f"refusing to overwrite checkpoint {path!r}: besides the checkpoint it holds "
+            f"{few(foreign)}, which replacing the checkpoint directory would delete; move "
+            "them elsewhere, or overwrite with dcp.save(state_dict, storage_writer="
+            "zarrckpt.ZarrStorageWriter(path, overwrite=True)), which replaces only the "
+            "checkpoint's own entries"
         )
 
 
@@ -268,14 +284,18 @@ def read_committed_root(path: str) -> dict[str, Any]:
     Raises
     ------
     CheckpointNotFoundError
-        Nothing at ``path``.
+        Nothing at ``path``, or not a zarrckpt checkpoint (the message says what
+        the path holds: a DCP checkpoint, a directory of checkpoints, ...).
     IncompleteCheckpointError
-        No commit marker (the save never finished) or a marker of another format.
+        A zarrckpt checkpoint without commit marker (its save never finished)
+        or with a marker of another format.
     CorruptCheckpointError
         The root metadata is unreadable or does not match the marker's checksum.
     """
+    from ._paths import missing_path_error, not_committed_error  # builds on this module
+
     if not os.path.exists(path):
-        raise CheckpointNotFoundError(f"no checkpoint at {path!r}")
+        raise missing_path_error(path)
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(
             f"{path!r} is a file, not a zarrckpt checkpoint directory "
@@ -286,10 +306,7 @@ def read_committed_root(path: str) -> dict[str, Any]:
         with open(marker_path, "rb") as f:
             marker = json.loads(f.read())
     except FileNotFoundError:
-        raise IncompleteCheckpointError(
-            f"checkpoint {path!r} is incomplete: its commit marker {COMMIT_MARKER!r} is "
-            "missing (the save that wrote it did not finish)"
-        ) from None
+        raise not_committed_error(path) from None
     except ValueError as e:
         raise CorruptCheckpointError(
             f"checkpoint {path!r}: commit marker {COMMIT_MARKER!r} is not valid JSON ({e})"

@@ -25,6 +25,7 @@ import numpy as np
 from ._chunkio import ChunkReader, crc32c
 from ._layout import ArrayLayout, Region
 from ._metadata import ArrayEntry, check_array_document, parse_entry
+from ._paths import check_path
 from ._scan import Progress, Slab, array_dir, pack, plan_slabs, run_tasks, what
 from ._storage import COMMIT_MARKER, FORMAT_NAME, FORMAT_VERSION, ROOT_METADATA
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, ZarrCkptError
@@ -355,7 +356,7 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
     zarrckpt.errors.CheckpointNotFoundError
         Nothing at ``path``, or a file rather than a directory.
     """
-    path = os.fspath(path)
+    path = check_path(path)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path!r}")
     if not os.path.isdir(path):

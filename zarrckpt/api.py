@@ -12,6 +12,7 @@ from ._file_source import open_file_source
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ._load import LoadPlan
 from ._load_result import LoadResult
+from ._paths import check_path
 from ._reader import CheckpointFiles
 from ._save import SaveOptions, prepare_local, save_collective
 from ._staging import HostStager
@@ -106,8 +107,7 @@ def save(
     zarrckpt.errors.DistributedSaveError
         Another rank failed; nothing was committed.
     """
-    del storage_options
-    path = os.fspath(path)
+    path = check_path(path, storage_options=storage_options)
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     local = comm.agree(
@@ -181,8 +181,7 @@ def async_save(
         Resolves to None when the checkpoint is committed; ``result()``
         raises the save's error otherwise.
     """
-    del storage_options
-    path = os.fspath(path)
+    path = check_path(path, storage_options=storage_options)
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     background = _background_comm(comm)
@@ -227,10 +226,10 @@ def load(
     assigned into ``nn.Module`` targets as ``load_state_dict(assign=True)``
     does; no meta tensor is left in the target. Plain values, and lists and
     tuples holding only plain values, are replaced by the stored ones (a stored
-    list keeps its length); dicts are always matched key by key. Objects with ``load_state_dict`` receive their state;
-    an optimizer's per-parameter state follows the checkpoint as in
-    :meth:`torch.optim.Optimizer.load_state_dict` (a parameter the checkpoint
-    holds no state for ends up without state).
+    list keeps its length); dicts are always matched key by key. Objects with
+    ``load_state_dict`` receive their state; an optimizer's per-parameter state
+    follows the checkpoint as in :meth:`torch.optim.Optimizer.load_state_dict`
+    (a parameter the checkpoint holds no state for ends up without state).
 
     Parameters
     ----------
@@ -279,8 +278,7 @@ def load(
     zarrckpt.errors.UnsafeCheckpointError
         The checkpoint holds pickled objects and ``allow_pickle`` is False.
     """
-    del storage_options
-    path = os.fspath(path)
+    path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
 
     def plan() -> tuple[CheckpointFiles, LoadPlan]:

@@ -37,6 +37,7 @@ from ._dtypes import info_for_torch, tensor_as_numpy
 from ._flatten import INLINE_BYTES_MAX
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ._metadata import ArrayEntry
+from ._paths import check_path, make_parents
 from ._planning import ArrayPieces, plan_arrays
 from ._reader import CheckpointFiles, ReadRequest
 from ._safetensors_io import (
@@ -255,7 +256,7 @@ def from_torch_save(
     zarrckpt.errors.CheckpointExistsError
         ``dst`` exists and ``overwrite`` is False.
     """
-    src, dst = os.fspath(src_file), os.fspath(dst)
+    src, dst = check_path(src_file, role="source"), check_path(dst, role="destination")
     loaded = load_torch_file(src, allow_pickle=allow_pickle)
     refuse_modules(loaded.obj, src)
     flat = flatten_loaded(loaded.obj, allow_pickle=allow_pickle, checkpoint=dst)
@@ -348,7 +349,7 @@ def to_torch_save(
     -------
     ConvertResult
     """
-    src_path, dst = os.fspath(src), os.fspath(dst_file)
+    src_path, dst = check_path(src, role="source"), check_path(dst_file, role="destination")
     files = CheckpointFiles(src_path)
     record = _conversion_record(files)
     _check_output_file(dst, overwrite, "torch.save file")
@@ -469,7 +470,7 @@ def from_safetensors(
     zarrckpt.errors.UnsupportedValueError
         A tensor has a dtype zarrckpt cannot store.
     """
-    src, dst = os.fspath(src_file), os.fspath(dst)
+    src, dst = check_path(src_file, role="source"), check_path(dst, role="destination")
     with SafetensorsReader(src) as reader:
         tree, record, complex_names = read_layout(reader)
         total = sum(e.nbytes for e in reader.entries.values())
@@ -555,7 +556,7 @@ def to_safetensors(
     zarrckpt.errors.UnsupportedValueError
         The checkpoint stores pickled values, or ``metadata`` is not a dict of strings.
     """
-    src_path, dst = os.fspath(src), os.fspath(dst_file)
+    src_path, dst = check_path(src, role="source"), check_path(dst_file, role="destination")
     files = CheckpointFiles(src_path)
     if files.pickled:
         raise UnsupportedValueError(
@@ -676,7 +677,7 @@ def from_dcp(
     -------
     ConvertResult
     """
-    src, dst = os.fspath(src_dir), os.fspath(dst)
+    src, dst = check_path(src_dir, role="source"), check_path(dst, role="destination")
     source = DcpSource(src, allow_pickle=allow_pickle)
     nodes: dict[str, dict[str, Any]] = {}
     value_tensors: dict[str, torch.Tensor] = {}
@@ -803,7 +804,7 @@ def to_dcp(
     -------
     ConvertResult
     """
-    src_path, dst = os.fspath(src), os.fspath(dst_dir)
+    src_path, dst = check_path(src, role="source"), check_path(dst_dir, role="destination")
     files = CheckpointFiles(src_path)
     root = files.tree
     while isinstance(root, dict) and "stateful" in root:
@@ -955,7 +956,7 @@ def convert(
         Unknown format names, an option that does not apply, or ``src`` and
         ``dst`` of the same format.
     """
-    s, d = os.fspath(src), os.fspath(dst)
+    s, d = check_path(src, role="source"), check_path(dst, role="destination")
     sf = src_format or detect_format(s)
     df = dst_format or detect_format(d, role="destination", src_format=sf)
     for name in (sf, df):
@@ -992,6 +993,7 @@ def convert(
     if len(steps) == 1:
         return steps[0](s, d, progress=progress, **pick(steps[0]))
     # two passes through a temporary zarrckpt checkpoint beside the destination
+    make_parents(d)
     tmp_parent = new_staging_dir(d)
     try:
         tmp = os.path.join(tmp_parent, "ckpt")

@@ -35,10 +35,15 @@ How the DCP hooks map onto zarrckpt:
   possible, and serves ``BYTE_IO`` items by ``torch.save``-ing the stored
   JSON value for ``planner.load_bytes``.
 
-Differences from DCP's ``FileSystemWriter``: ``overwrite`` defaults to False
-(like ``zarrckpt.save``; FileSystemWriter overwrites by default), and an
-overwrite is atomic (the old checkpoint stays readable until the new one is
-committed).
+Like DCP's ``FileSystemWriter``, the writer creates missing parent
+directories, writes into an existing directory and keeps the files already
+there (committed in place, commit marker last: :mod:`zarrckpt._inplace`),
+and with ``overwrite=False`` refuses an existing checkpoint with DCP's words
+("Checkpoint already exists"). Differences: ``overwrite`` defaults to False
+(like ``zarrckpt.save``; FileSystemWriter overwrites by default); replacing
+a checkpoint that has its directory to itself is atomic (the old checkpoint
+stays readable until the new one is committed); a directory holding a DCP
+checkpoint is refused rather than mixed with it.
 """
 
 from __future__ import annotations
@@ -78,13 +83,16 @@ from ._dcp_tree import DcpLeaf, dcp_leaves, tree_from_leaves
 from ._dtypes import info_for_torch, numpy_as_tensor, tensor_as_numpy
 from ._flatten import flatten_state_dict, pickle_value
 from ._fqn import fqn_to_path
+from ._inplace import check_collisions, choose_target, commit_in_place, new_inner_staging_dir
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, Region, choose_layout
 from ._metadata import ArrayEntry, array_path, check_unique_paths, parse_entry, root_document
+from ._paths import check_path, wait_visible
 from ._planning import ArrayPieces, plan_arrays
 from ._reader import CheckpointFiles, ReadRequest
 from ._save import host_tensor
 from ._storage import (
-    check_writable,
+    COMMIT_MARKER,
+    ROOT_METADATA,
     commit,
     is_checkpoint_dir,
     new_staging_dir,
@@ -147,13 +155,19 @@ class ZarrStorageWriter(StorageWriter):
     Parameters
     ----------
     path
-        Checkpoint directory to create (on a filesystem all ranks share).
+        Checkpoint directory (on a filesystem all ranks share); missing parent
+        directories are created. It may exist and hold other files, which are
+        kept, as with ``FileSystemWriter``.
         ``dcp.save(..., checkpoint_id=other)`` replaces it (:meth:`reset`).
     overwrite
-        Replace an existing checkpoint at ``path`` (atomically: the old one
-        stays intact until the new one is committed). Default False, as for
-        ``zarrckpt.save``; note that DCP's ``FileSystemWriter`` overwrites by
-        default.
+        Replace an existing committed checkpoint at ``path``. Default False,
+        as for ``zarrckpt.save`` (DCP's ``FileSystemWriter`` overwrites by
+        default); the refusal says "Checkpoint already exists", as
+        ``FileSystemWriter``'s does. Atomic when the checkpoint has its
+        directory to itself (the old one stays intact until the new one is
+        committed); in a directory holding other files the old checkpoint
+        is removed just before the new one is moved in, so the directory
+        holds the old checkpoint, the new one, or (after a crash) none.
     allow_pickle
         Store leaves that are neither tensors nor JSON values with pickle
         (as ``zarrckpt.save(..., allow_pickle=True)``). Without it such
@@ -191,7 +205,7 @@ class ZarrStorageWriter(StorageWriter):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.fsync = fsync
@@ -202,6 +216,7 @@ class ZarrStorageWriter(StorageWriter):
         self.is_coordinator = False
         self.rank: int | None = None
         self._staging: str | None = None
+        self._mode = "new"
         self._cleanup: weakref.finalize | None = None
         self._entries: dict[str, ArrayEntry] = {}
 
@@ -213,16 +228,20 @@ class ZarrStorageWriter(StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
-        """True for a local path whose parent directory exists."""
+        """True for a local path whose nearest existing ancestor is a directory
+        (missing parents are created, as by ``FileSystemWriter``)."""
         path = os.fspath(checkpoint_id)
-        if "://" in path:
+        if "://" in path or not path:
             return False
-        return os.path.isdir(os.path.dirname(os.path.abspath(path)))
+        ancestor = os.path.dirname(os.path.abspath(path))
+        while not os.path.lexists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        return os.path.isdir(ancestor)
 
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new save, at ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = check_path(checkpoint_id)
         self.save_id = uuid.uuid4().hex
 
     def storage_meta(self) -> StorageMeta | None:
@@ -272,7 +291,10 @@ class ZarrStorageWriter(StorageWriter):
         Raises
         ------
         zarrckpt.errors.CheckpointExistsError
-            ``path`` exists and ``overwrite`` is False.
+            ``path`` holds a committed checkpoint and ``overwrite`` is False
+            (the message starts with ``FileSystemWriter``'s "Checkpoint already
+            exists and self.overwrite=False."); it holds a DCP checkpoint; or
+            an array would replace a file there that is not part of a checkpoint.
         zarrckpt.errors.InvalidKeyError, UnsupportedValueError
             Keys that map to the same array, ranks that disagree on a tensor,
             unsupported dtypes, pieces that overlap or leave gaps.
@@ -284,9 +306,14 @@ class ZarrStorageWriter(StorageWriter):
             )
         world = len(plans)
         entries, writers = self._plan_arrays(plans)
-        check_writable(self.path, overwrite=self.overwrite)
+        self._mode = choose_target(self.path, overwrite=self.overwrite)
         self._discard_staging()
-        self._staging = new_staging_dir(self.path)
+        if self._mode == "in place":
+            names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_MARKER}
+            check_collisions(self.path, names)
+            self._staging = new_inner_staging_dir(self.path)
+        else:
+            self._staging = new_staging_dir(self.path)
         # DCP has no abort hook: a save that fails after this point (on any rank)
         # never reaches finish(); the directory then goes with the writer (or the
         # interpreter), or at the writer's next save, whichever comes first
@@ -409,6 +436,7 @@ class ZarrStorageWriter(StorageWriter):
                 "ZarrStorageWriter.prepare_global_plan did not prepare"
             )
         staging = share["staging"]
+        wait_visible(staging, rank=share["rank"])
         entries = {
             fqn: parse_entry(fqn, raw, checkpoint=self.path) for fqn, raw in share["arrays"].items()
         }
@@ -650,9 +678,11 @@ class ZarrStorageWriter(StorageWriter):
         root = root_document(
             tree=tree, entries=entries, checkpoint_id=checkpoint_id, world_size=len(results)
         )
-        commit(
-            staging, self.path, root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync
-        )
+        if self._mode == "in place":
+            commit_in_place(staging, self.path, root, checkpoint_id, fsync=self.fsync)
+        else:
+            overwrite = self.overwrite or self._mode == "replace"
+            commit(staging, self.path, root, checkpoint_id, overwrite=overwrite, fsync=self.fsync)
 
 
 def _world_size() -> int:
@@ -702,7 +732,7 @@ class ZarrStorageReader(StorageReader):
         self, path: PathLike, *, allow_pickle: bool = False, threads: int | None = None
     ) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.allow_pickle = allow_pickle
         self.threads = threads or default_threads()
         self.load_id = uuid.uuid4().hex
@@ -726,7 +756,7 @@ class ZarrStorageReader(StorageReader):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new load, from ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = check_path(checkpoint_id)
         self.load_id = uuid.uuid4().hex
         self._files = None
         self._leaves = {}
@@ -746,12 +776,12 @@ class ZarrStorageReader(StorageReader):
         zarrckpt.errors.CheckpointNotFoundError, IncompleteCheckpointError, CorruptCheckpointError
             No committed, intact checkpoint at ``path``.
         """
-        if kwargs.get("rank") is not None:
+        files = self._open()  # raises what the path is when it is no zarrckpt checkpoint
+        if kwargs.get("rank") is not None:  # DCP's fallback after a failed global read
             raise CorruptCheckpointError(
                 f"checkpoint {self.path!r} is a zarrckpt checkpoint: it has one global "
                 "manifest and no per-rank metadata"
             )
-        files = self._open()
         state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         for key, leaf in self._leaves.items():
             if "tensor" not in leaf.node:

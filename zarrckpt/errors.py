@@ -23,6 +23,7 @@ __all__ = [
     "InvalidKeyError",
     "UnsupportedValueError",
     "DistributedSaveError",
+    "InvalidPathError",
 ]
 
 
@@ -97,3 +98,8 @@ class DistributedSaveError(ZarrCkptError, RuntimeError):
 
     Every rank raises it, so no rank hangs waiting for the others.
     """
+
+
+class InvalidPathError(ZarrCkptError, ValueError):
+    """A path zarrckpt cannot use: empty, an object-store URL (not supported
+    yet), or ``storage_options`` given for a local path."""

@@ -27,6 +27,7 @@ from ._chunkio import ChunkReader
 from ._diff import DiffReport, TensorDiff, compute_diff
 from ._flatten import bytes_length, decode_plain
 from ._metadata import ArrayEntry, check_array_document
+from ._paths import check_path
 from ._reader import CheckpointFiles, ReadRequest
 from ._scan import Progress
 from ._stats import TensorStats, compute_stats
@@ -237,7 +238,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._files = CheckpointFiles(path)
+        self._files = CheckpointFiles(check_path(path))
         self.path = self._files.path
 
     # ------------------------------------------------------------------ mapping
