@@ -32,7 +32,7 @@ from ._storage import check_writable, commit, new_staging_dir, remove_tree, sync
 from ._writer import ChunkWrite, write_arrays
 from .errors import DistributedSaveError, InvalidKeyError, UnsupportedValueError
 
-__all__ = ["SaveOptions", "LocalState", "prepare_local", "save_collective"]
+__all__ = ["SaveOptions", "SaveReport", "LocalState", "prepare_local", "save_collective"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class SaveOptions:
     chunk_bytes: int = 64 << 20
     inner_chunk_bytes: int = 1 << 20
     threads: int = 2
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What a committed save stored: its tensors (all ranks) and this rank's writes."""
+
+    tensors: int
+    nbytes: int
+    bytes_written: int
 
 
 def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -205,7 +214,7 @@ def _build_plan(
 
 def save_collective(
     local: LocalState, path: str, options: SaveOptions, comm: Comm, *, extra: dict[str, Any]
-) -> None:
+) -> SaveReport:
     """Phases 1-4 of a save, given this rank's staged state."""
     summaries = comm.all_gather(local.summary())
     pickled_sizes = {fqn: len(data) for fqn, data in local.pickled.items()}
@@ -227,7 +236,7 @@ def save_collective(
     )
     assert isinstance(staging, str)
     try:
-        comm.agree(
+        written = comm.agree(
             lambda: _write_share(staging, entries, writers, local, comm, options),
             f"writing the checkpoint {path!r}",
         )
@@ -257,6 +266,8 @@ def save_collective(
         if comm.is_coordinator:
             remove_tree(staging)
         raise
+    tensors = [e for e in entries if e.kind != "pickle"]
+    return SaveReport(len(tensors), sum(e.nbytes for e in tensors), written)
 
 
 def _write_share(
@@ -266,8 +277,9 @@ def _write_share(
     local: LocalState,
     comm: Comm,
     options: SaveOptions,
-) -> None:
-    """Write this rank's metadata files and chunks, then make them durable."""
+) -> int:
+    """Write this rank's metadata files and chunks, then make them durable;
+    return the chunk bytes written."""
     mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
     chunks: list[ChunkWrite] = []
     for entry in entries:
@@ -289,6 +301,7 @@ def _write_share(
                 )
             origin = tuple(a for a, _ in view.blocks[k].region)
             chunks.append(ChunkWrite(entry, index, local.sources[entry.fqn][k], origin))
-    write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
+    written = write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
     if options.fsync:
         sync_tree(staging)
+    return written
