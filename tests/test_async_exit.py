@@ -129,8 +129,10 @@ def test_pending_async_save_is_committed_at_exit_on_two_ranks(tmp_path: Path, de
 
 
 FAILING_SCRIPT = """
-import sys, zarrckpt
+import atexit, sys, zarrckpt
 from zarrckpt import _chunkio
+
+atexit.register(print, "an atexit handler registered earlier ran")
 
 def broken_write(path, buffers, **kw):
     raise OSError("injected: no space left on device")
@@ -155,6 +157,8 @@ def test_failed_async_save_at_exit_is_loud(tmp_path: Path) -> None:
     assert "Traceback" in proc.stderr
     assert str(ckpt) in proc.stderr and "NOT written" in proc.stderr
     assert not ckpt.exists()
+    # the exit status is set after the other exit handlers ran
+    assert "an atexit handler registered earlier ran" in proc.stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging
 
 

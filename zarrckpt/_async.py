@@ -15,6 +15,9 @@ Pending saves are never dropped silently:
   (``result()`` / ``exception()``) is reported on stderr with its traceback
   (through the ``zarrckpt`` logger instead when the application has set up
   logging) and the process exits with status 1 (see :func:`_exit_status_1`).
+  The background groups are then destroyed while the interpreter is alive.
+  (The I/O threads of a save are plain threads, see ``_writer.parallel_map``,
+  so a save running later in the shutdown still completes.)
 * **destroy_process_group.** ``torch.distributed.destroy_process_group()``
   (no argument or WORLD) destroys every group, the background one included,
   so a save still running would fail. When the first distributed async save is
@@ -148,14 +151,17 @@ def submit(job: Callable[[], None], path: str, *, distributed: bool) -> AsyncSav
 
 
 def wait_pending() -> list[_Record]:
-    """Wait for every submitted save; return those that failed."""
+    """Wait for every submitted save (also those submitted meanwhile by other
+    threads); return those that failed."""
     if getattr(_IN_WORKER, "active", False):
         return []  # called from within a save: waiting would deadlock
-    with _LOCK:
-        records = list(_RECORDS)
-    for r in records:
-        r.finished.wait()
-    return [r for r in records if r.error is not None]
+    while True:
+        with _LOCK:
+            records = list(_RECORDS)
+        if all(r.finished.is_set() for r in records):
+            return [r for r in records if r.error is not None]
+        for r in records:
+            r.finished.wait()
 
 
 def background_comm(comm: Comm) -> Comm:

@@ -139,6 +139,12 @@ def async_save(
     another save to the same path. Collective when distributed (every rank
     calls it); the background part uses its own gloo group.
 
+    Pending saves are never dropped: the interpreter waits for them before it
+    exits, and so does ``torch.distributed.destroy_process_group()`` (wrapped
+    for that when the first distributed async save is submitted). A save that
+    failed without anybody calling ``result()`` or ``exception()`` on its
+    future is reported on stderr at exit and the process exits with status 1.
+
     Parameters
     ----------
     state_dict, path, process_group, overwrite, storage_options, allow_pickle,
@@ -149,7 +155,7 @@ def async_save(
     -------
     concurrent.futures.Future
         Resolves to None when the checkpoint is committed; ``result()``
-        raises the save's error otherwise.
+        raises the save's error otherwise. It cannot be cancelled.
     """
     del storage_options
     path = os.fspath(path)
