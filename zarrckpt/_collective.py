@@ -10,6 +10,7 @@ the next collective.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +29,8 @@ class Comm:
     group: Any
     rank: int
     world_size: int
+    #: if set, :meth:`agree` adds each step's seconds under the first word of its ``what``
+    phases: dict[str, float] | None = None
 
     @classmethod
     def from_group(cls, process_group: Any = None) -> Comm:
@@ -71,6 +74,16 @@ class Comm:
 
     def agree(self, step: Callable[[], T], what: str) -> T:
         """Run ``step`` on every rank; if it failed on any rank, raise on all ranks."""
+        if self.phases is None:
+            return self._agree(step, what)
+        start = time.perf_counter()
+        try:
+            return self._agree(step, what)
+        finally:
+            phase = what.split(" ", 1)[0]
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
+
+    def _agree(self, step: Callable[[], T], what: str) -> T:
         if not self.distributed:
             return step()
         result: Any = None

@@ -37,7 +37,7 @@ from ._tree_merge import merge_trees
 from ._writer import ChunkWrite, write_arrays
 from .errors import DistributedSaveError, InvalidKeyError, UnsupportedValueError
 
-__all__ = ["SaveOptions", "LocalState", "prepare_local", "save_collective"]
+__all__ = ["SaveOptions", "SaveReport", "LocalState", "prepare_local", "save_collective"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ class SaveOptions:
     chunk_bytes: int = 64 << 20
     inner_chunk_bytes: int = 1 << 20
     threads: int = 2
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What a committed save stored: its tensors (all ranks) and this rank's writes."""
+
+    tensors: int
+    nbytes: int
+    bytes_written: int
 
 
 def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -255,7 +264,7 @@ def _build_plan(summaries: list[dict[str, Any]], path: str, options: SaveOptions
 
 def save_collective(
     local: LocalState, path: str, options: SaveOptions, comm: Comm, *, extra: dict[str, Any]
-) -> None:
+) -> SaveReport:
     """Phases 1-4 of a save, given this rank's staged state."""
     summaries = comm.all_gather(local.summary())
     plan = comm.agree(
@@ -273,7 +282,7 @@ def save_collective(
     )
     assert isinstance(staging, str)
     try:
-        comm.agree(
+        written = comm.agree(
             lambda: _write_share(staging, plan, local, comm, options),
             f"writing the checkpoint {path!r}",
         )
@@ -303,12 +312,15 @@ def save_collective(
         if comm.is_coordinator:
             remove_tree(staging)
         raise
+    tensors = [e for e in plan.entries if e.kind not in ("pickle", "bytes")]
+    return SaveReport(len(tensors), sum(e.nbytes for e in tensors), written)
 
 
 def _write_share(
     staging: str, plan: SavePlan, local: LocalState, comm: Comm, options: SaveOptions
-) -> None:
-    """Write this rank's metadata files and chunks, then make them durable."""
+) -> int:
+    """Write this rank's metadata files and chunks, then make them durable;
+    return the chunk bytes written."""
     entries = plan.entries
     wait_visible(staging, rank=comm.rank)  # rank 0 created it (NFS caches)
     mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
@@ -333,6 +345,7 @@ def _write_share(
                 )
             origin = tuple(a for a, _ in view.blocks[k].region)
             chunks.append(ChunkWrite(entry, index, local.sources[entry.fqn][k], origin))
-    write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
+    written = write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
     if options.fsync:
         sync_tree(staging)
+    return written

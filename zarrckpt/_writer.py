@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -15,7 +16,10 @@ from . import _chunkio
 from ._chunkio import encode_chunk
 from ._metadata import ArrayEntry, array_document, group_document
 
-__all__ = ["ChunkWrite", "write_arrays", "default_threads"]
+__all__ = ["ChunkWrite", "write_arrays", "default_threads", "parallel_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: small writes are grouped into tasks of about this many bytes
 _TASK_BYTES = 8 << 20
@@ -36,6 +40,50 @@ class ChunkWrite:
     index: tuple[int, ...]
     source: np.ndarray
     origin: tuple[int, ...]
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
+    """``[fn(x) for x in items]`` computed by up to ``threads`` threads.
+
+    Plain threads rather than a ``concurrent.futures`` pool: such pools refuse
+    new work once the interpreter starts shutting down, and a save still
+    running then (an ``async_save`` nobody waited for, a save in an exit
+    handler) must be able to finish. The first error stops the hand-out of
+    items and is raised once every thread has stopped.
+    """
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    results: list[R | None] = [None] * len(items)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    position = 0
+
+    def work() -> None:
+        nonlocal position
+        while True:
+            with lock:
+                if errors or position >= len(items):
+                    return
+                i = position
+                position += 1
+            try:
+                results[i] = fn(items[i])
+            except BaseException as e:  # raised by the caller below
+                with lock:
+                    errors.append(e)
+                return
+
+    workers = [
+        threading.Thread(target=work, name=f"zarrckpt-io-{k}", daemon=True)
+        for k in range(min(threads, len(items)))
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
 
 
 def _array_dirs(path: str) -> list[str]:
@@ -156,19 +204,12 @@ def write_arrays(
     afterwards) large chunk files start their writeback while they are being
     written, so the disk works in parallel with the copying.
     """
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="zarrckpt") as pool:
-        batches = [metadata[i : i + 64] for i in range(0, len(metadata), 64)]
-        if len(batches) <= 1 or threads <= 1:
-            for b in batches:
-                write_metadata(root, b)
-        else:
-            list(pool.map(lambda b: write_metadata(root, b), batches))
-        return _run_chunk_tasks(root, chunks, pool, threads, fsync)
+    batches = [metadata[i : i + 64] for i in range(0, len(metadata), 64)]
+    parallel_map(lambda b: write_metadata(root, b), batches, threads)
+    return _run_chunk_tasks(root, chunks, threads, fsync)
 
 
-def _run_chunk_tasks(
-    root: str, chunks: list[ChunkWrite], pool: ThreadPoolExecutor, threads: int, writeback: bool
-) -> int:
+def _run_chunk_tasks(root: str, chunks: list[ChunkWrite], threads: int, writeback: bool) -> int:
     tasks: list[list[ChunkWrite]] = []
     current: list[ChunkWrite] = []
     size = 0
@@ -180,6 +221,4 @@ def _run_chunk_tasks(
             current, size = [], 0
     if current:
         tasks.append(current)
-    if len(tasks) <= 1 or threads <= 1:
-        return sum(_write_chunks(root, t, writeback) for t in tasks)
-    return sum(pool.map(lambda t: _write_chunks(root, t, writeback), tasks))
+    return sum(parallel_map(lambda t: _write_chunks(root, t, writeback), tasks, threads))

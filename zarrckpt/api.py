@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
+from . import _async
 from ._collective import Comm
 from ._file_source import open_file_source
 from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ._load import LoadPlan
 from ._load_result import LoadResult
+from ._log import Operation
 from ._paths import check_path
 from ._reader import CheckpointFiles
 from ._save import SaveOptions, prepare_local, save_collective
@@ -110,41 +111,16 @@ def save(
     path = check_path(path, storage_options=storage_options)
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
+    op = Operation("save", path, comm)
     local = comm.agree(
         lambda: prepare_local(state_dict, path, options), f"preparing the save of {path!r}"
     )
-    save_collective(local, path, options, comm, extra={})
+    op.saved(save_collective(local, path, options, comm, extra={}))
 
 
 # --------------------------------------------------------------------------- async
 
-_ASYNC_LOCK = threading.Lock()
-_ASYNC_EXECUTOR: ThreadPoolExecutor | None = None
-_ASYNC_GROUPS: dict[tuple[int, ...], Any] = {}
 _STAGER = HostStager()
-
-
-def _async_executor() -> ThreadPoolExecutor:
-    global _ASYNC_EXECUTOR
-    with _ASYNC_LOCK:
-        if _ASYNC_EXECUTOR is None:
-            # one worker: async saves of a process run in call order, the same on every rank
-            _ASYNC_EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="zarrckpt-async")
-        return _ASYNC_EXECUTOR
-
-
-def _background_comm(comm: Comm) -> Comm:
-    """A gloo group of the same ranks, used only by background saves so their
-    collectives never interleave with the training's."""
-    if not comm.distributed:
-        return comm
-    import torch.distributed as dist
-
-    ranks = tuple(dist.get_process_group_ranks(comm.group))
-    if ranks not in _ASYNC_GROUPS:
-        _ASYNC_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo")
-    group = _ASYNC_GROUPS[ranks]
-    return Comm(group, dist.get_rank(group), dist.get_world_size(group))
 
 
 def async_save(
@@ -169,6 +145,12 @@ def async_save(
     another save to the same path. Collective when distributed (every rank
     calls it); the background part uses its own gloo group.
 
+    Pending saves are never dropped: the interpreter waits for them before it
+    exits, and so does ``torch.distributed.destroy_process_group()`` (wrapped
+    for that when the first distributed async save is submitted). A save that
+    failed without anybody calling ``result()`` or ``exception()`` on its
+    future is reported on stderr at exit and the process exits with status 1.
+
     Parameters
     ----------
     state_dict, path, process_group, overwrite, storage_options, allow_pickle,
@@ -179,12 +161,13 @@ def async_save(
     -------
     concurrent.futures.Future
         Resolves to None when the checkpoint is committed; ``result()``
-        raises the save's error otherwise.
+        raises the save's error otherwise. It cannot be cancelled.
     """
     path = check_path(path, storage_options=storage_options)
     options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
-    background = _background_comm(comm)
+    op = Operation("async_save", path, comm)
+    background = op.watch(_async.background_comm(comm))
     lease = comm.agree(
         lambda: _STAGER.stage(lambda copy: prepare_local(state_dict, path, options, stage=copy)),
         f"staging the async save of {path!r}",
@@ -192,11 +175,16 @@ def async_save(
 
     def run() -> None:
         try:
-            save_collective(lease.state, path, options, background, extra={})
+            op.saved(save_collective(lease.state, path, options, background, extra={}))
+        except BaseException as e:
+            op.failed(e)
+            _async.raise_if_group_destroyed(background, path, e)
+            raise
         finally:
             lease.release()
 
-    return _async_executor().submit(run)
+    op.returned()
+    return _async.submit(run, path, distributed=comm.distributed)
 
 
 # --------------------------------------------------------------------------- load
@@ -280,6 +268,7 @@ def load(
     """
     path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
+    op = Operation("load", path, comm)
 
     def plan() -> tuple[CheckpointFiles, LoadPlan]:
         # a single file (torch.save / safetensors) is read through a memory map
@@ -331,6 +320,7 @@ def load(
         f"reading the checkpoint {path!r}",
     )
     load_plan.apply()
+    op.loaded(load_plan.requests, files.bytes_read)
     if stats is not None:
         stats["bytes_read"] = files.bytes_read
         stats["bytes_needed"] = load_plan.bytes_needed
