@@ -20,6 +20,7 @@ __all__ = [
     "array_path",
     "ArrayEntry",
     "array_document",
+    "dimension_names",
     "group_document",
     "root_document",
     "parse_entry",
@@ -60,6 +61,17 @@ class ArrayEntry:
         }
 
 
+def dimension_names(path: str, ndim: int) -> list[str]:
+    """``dimension_names`` of the array at ``path``: ``<name>:dim_<i>``, where
+    ``<name>`` is the last component of the path.
+
+    Unique per array (``:`` never occurs in an array path), so xarray never
+    aligns dimensions of different tensors.
+    """
+    name = path.rsplit("/", 1)[-1]
+    return [f"{name}:dim_{i}" for i in range(ndim)]
+
+
 def array_document(entry: ArrayEntry) -> dict[str, Any]:
     """The zarr v3 ``zarr.json`` of an array."""
     return {
@@ -75,6 +87,7 @@ def array_document(entry: ArrayEntry) -> dict[str, Any]:
         "fill_value": entry.dtype.fill_value,
         "codecs": entry.layout.to_json_codecs(entry.dtype.zarr_name),
         "attributes": {FORMAT_NAME: {"fqn": entry.fqn, "kind": entry.kind}},
+        "dimension_names": dimension_names(entry.path, len(entry.layout.shape)),
         "storage_transformers": [],
     }
 
@@ -134,7 +147,7 @@ def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry
             tuple(raw["shape"]),
             tuple(raw["chunk_shape"]),
             None if inner is None else tuple(inner),
-            dtype.numpy_dtype.itemsize,
+            dtype.itemsize,
         )
         kind = raw.get("kind", "tensor")
         path = raw["path"]
@@ -174,7 +187,7 @@ def check_array_document(entry: ArrayEntry, document: Any, *, checkpoint: str) -
             tuple(document["shape"]),
             tuple(document["chunk_grid"]["configuration"]["chunk_shape"]),
             document["codecs"],
-            dtype.numpy_dtype.itemsize,
+            dtype.itemsize,
         )
         # codecs and chunk key encoding decide how zarr / tensorstore decode the
         # chunks: they must be exactly those zarrckpt wrote (crc32c included)
