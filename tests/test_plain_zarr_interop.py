@@ -27,7 +27,7 @@ from conftest import DTYPES, assert_bits_equal, dtype_name, random_tensor
 import zarrckpt
 from zarrckpt._chunkio import crc32c
 from zarrckpt._metadata import array_document
-from zarrckpt._storage import COMMIT_MARKER, LEGACY_COMMIT_MARKER, dumps_json
+from zarrckpt._storage import dumps_json
 from zarrckpt._writer import array_json
 from zarrckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from zarrckpt.inspect import verify
@@ -35,6 +35,10 @@ from zarrckpt.inspect import verify
 LONG = "layer." + "x" * 250  # encoded name > 200 characters: split into nested groups
 HASHED = "y" * 450  # > 400 characters: hashed path
 V1_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v1"
+#: where the commit marker is (docs/format.md, section 6): since format version 2 ...
+COMMIT_MARKER = "~commit/zarr.json"
+#: ... and in format version 1
+LEGACY_COMMIT_MARKER = "zarrckpt.commit"
 
 
 @pytest.fixture(scope="module")

@@ -842,7 +842,7 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
     """The format of ``path``: ``"torch"``, ``"dcp"``, ``"safetensors"`` or ``"zarrckpt"``.
 
     A source is recognized by its content: a zarrckpt checkpoint directory
-    (``zarr.json`` with a zarrckpt manifest or ``zarrckpt.commit``), a DCP
+    (``zarr.json`` with a zarrckpt manifest, or a commit marker), a DCP
     directory (``.metadata``), a zip or legacy ``torch.save`` file, a
     safetensors file. A destination (``role="destination"``) by its name: a
     ``.safetensors`` file, a ``.pt``/``.pth``/``.bin``/``.ckpt`` file, an
