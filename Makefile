@@ -1,19 +1,30 @@
 # Every target creates (once) its own virtualenv in .venv with the pinned CPU torch.
+# `make demo` installs only what zarrckpt needs at run time; `make test`, `lint`
+# and the benchmarks add the test extras (pytest, tensorstore, transformers, mypy...).
+# Each step has its own stamp file, so `make test` after `make demo` adds the extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench bench-quick clean
+.PHONY: install install-runtime demo test lint bench bench-quick clean
 
-$(VENV)/.installed: pyproject.toml
+# the runtime dependencies only (pinned torch first, so pip never pulls a CUDA build)
+$(VENV)/.runtime-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# the test extras on top (development: tests, lint, benchmarks)
+$(VENV)/.test-installed: $(VENV)/.runtime-installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install-runtime: $(VENV)/.runtime-installed
 
-demo: install
+install: $(VENV)/.test-installed
+
+demo: install-runtime
 	$(PY) -m zarrckpt.demo
 
 test: install

@@ -135,13 +135,18 @@ class ZarrDtypesAutoloader:
         return spec
 
 
-def install() -> None:
+def install(force: bool = False) -> None:
     """Install the finder (idempotent); register at once if zarr is already imported.
 
-    Does nothing when the environment variable ``ZARRCKPT_NO_ZARR_AUTOLOAD`` is
-    set to a non-empty value.
+    Parameters
+    ----------
+    force : bool
+        Install even when the environment variable ``ZARRCKPT_NO_ZARR_AUTOLOAD``
+        is set. Without it (the ``.pth`` file at interpreter start) the variable
+        set to a non-empty value turns the hook off; ``import zarrckpt`` passes
+        ``force=True``, since importing zarrckpt asks for the data types.
     """
-    if os.environ.get(DISABLE_ENV_VAR):
+    if not force and os.environ.get(DISABLE_ENV_VAR):
         return
     if _TARGET in sys.modules:
         _register()

@@ -24,6 +24,7 @@ from _inspect_fixtures import PRODUCERS, Produced, get_produced
 
 import zarrckpt
 from zarrckpt import cli
+from zarrckpt._storage import COMMIT_MARKER
 
 SCRIPT = shutil.which("zarrckpt", path=os.path.dirname(sys.executable)) or "zarrckpt"
 MODULE = [sys.executable, "-m", "zarrckpt"]
@@ -96,7 +97,7 @@ def test_info_plain_via_installed_script(single: Produced) -> None:
     assert fields["tensors"].strip() == str(ref.tensors)
     assert fields["total_bytes"].split()[0] == str(ref.total_bytes)
     assert fields["dtype float32"].strip().startswith(f"{ref.tensors} tensors")
-    assert fields["format_version"].strip() == "1"
+    assert fields["format_version"].strip() == "2"
 
 
 def test_info_json(produced: Produced) -> None:
@@ -118,6 +119,31 @@ def test_tree(single: Produced) -> None:
     assert "  emb.weight  float32[96,64]" in lines
     assert "step  = 1" in lines
     assert any(line.startswith("      exp_avg  float32[96,64]") for line in lines)
+
+
+def test_tree_shows_none_as_a_value(tmp_path: Path) -> None:
+    """None is a stored value (``= null``), never a bare key like a container's."""
+    import argparse
+    import io
+
+    import torch
+
+    path = str(tmp_path / "ckpt")
+    state = {"a": None, "b": {"c": None, "d": torch.zeros(2)}, "e": [None], "f": {}, "g": 0}
+    zarrckpt.save(state, path, fsync=False)
+    plain = run("tree", path)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines() == [
+        "a  = null", "b", "  c  = null", "  d  float32[2]", "e", "  0  = null", "f  = {}", "g  = 0",
+    ]
+    buf = io.StringIO()
+    out = cli.Output(stdout=buf)
+    out.rich = True  # the rich tree drawn on a terminal
+    assert cli._tree(argparse.Namespace(path=path), out) == 0
+    lines = [line.lstrip("│├└─ ") for line in buf.getvalue().splitlines()]
+    assert lines == [
+        path, "a  = null", "b", "c  = null", "d  float32[2]", "e", "0  = null", "f  = {}", "g  = 0",
+    ]
 
 
 def test_stats_json_equals_api(produced: Produced) -> None:
@@ -190,7 +216,7 @@ def test_verify(single: Produced, tmp_path: Path) -> None:
     shutil.copytree(single.before, damaged)
     entry = zarrckpt.open(damaged)._files.arrays["model.out.weight"]
     (damaged / entry.path / entry.layout.chunk_key((0, 0))).unlink()
-    (damaged / "zarrckpt.commit").unlink()
+    (damaged / COMMIT_MARKER).unlink()
     ok, bad, bad_json = run_all(
         ["verify", single.before],
         ["verify", str(damaged)],
@@ -226,7 +252,7 @@ def test_plot_writes_png(single: Produced, tmp_path: Path) -> None:
 def test_user_mistakes_are_one_line_exit_2(single: Produced, tmp_path: Path) -> None:
     uncommitted = tmp_path / "uncommitted"
     shutil.copytree(single.before, uncommitted)
-    (uncommitted / "zarrckpt.commit").unlink()
+    (uncommitted / COMMIT_MARKER).unlink()
     a_file = tmp_path / "model.pt"
     a_file.write_bytes(b"not a checkpoint")
     missing, bogus, incomplete = run_all(
@@ -383,7 +409,7 @@ def test_every_command_on_a_terminal_in_process(single: Produced, tmp_path: Path
     monkeypatch.setenv("COLUMNS", "100")
     damaged = tmp_path / "damaged"
     shutil.copytree(single.before, damaged)
-    (damaged / "zarrckpt.commit").unlink()
+    (damaged / COMMIT_MARKER).unlink()
     expectations = [
         (["ls", single.after], 0, ["model.emb.weight", "KiB", "tensors,"]),
         (["info", single.after], 0, ["world_size", "float32"]),

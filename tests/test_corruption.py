@@ -21,6 +21,7 @@ import torch
 from conftest import array_path, assert_bits_equal, save_fast
 
 import zarrckpt
+from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -210,7 +211,7 @@ def test_deleted_shard(ckpt: str) -> None:
 
 
 def test_missing_commit_marker(ckpt: str) -> None:
-    os.remove(os.path.join(ckpt, "zarrckpt.commit"))
+    os.remove(os.path.join(ckpt, COMMIT_MARKER))
     assert_all_readers_fail(ckpt, "plain", IncompleteCheckpointError, on_open=True)
     with pytest.raises(IncompleteCheckpointError):
         zarrckpt.load({"step": 0}, ckpt)
@@ -218,7 +219,7 @@ def test_missing_commit_marker(ckpt: str) -> None:
 
 @pytest.mark.parametrize("damage", ["flip", "empty", "not-json", "other-id-crc"])
 def test_damaged_commit_marker(ckpt: str, damage: str) -> None:
-    marker = os.path.join(ckpt, "zarrckpt.commit")
+    marker = os.path.join(ckpt, COMMIT_MARKER)
     if damage == "flip":
         flip_byte(marker, 2)
     elif damage == "empty":
@@ -229,7 +230,8 @@ def test_damaged_commit_marker(ckpt: str, damage: str) -> None:
     else:
         with open(marker) as f:
             doc = json.load(f)
-        doc["root_metadata_crc32c"] = (doc["root_metadata_crc32c"] + 1) % 2**32
+        members = doc["attributes"]["zarrckpt_commit"]
+        members["root_metadata_crc32c"] = (members["root_metadata_crc32c"] + 1) % 2**32
         with open(marker, "w") as f:
             json.dump(doc, f)
     with pytest.raises((CorruptCheckpointError, IncompleteCheckpointError)) as info:

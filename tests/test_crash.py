@@ -28,6 +28,7 @@ from conftest import PYTHON, assert_bits_equal, save_fast
 import zarrckpt
 import zarrckpt._chunkio
 import zarrckpt._storage
+from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -493,7 +494,7 @@ def test_failing_commit_marker_leaves_previous_intact(
     original = zarrckpt._storage.write_json
 
     def failing_write_json(p: str, *args: Any, **kwargs: Any) -> bytes:
-        if p.endswith("zarrckpt.commit"):
+        if p.endswith(COMMIT_MARKER):
             raise OSError(28, "No space left on device (injected)")
         return original(p, *args, **kwargs)
 

@@ -36,6 +36,7 @@ import zarrckpt
 from zarrckpt import ZarrStorageReader, ZarrStorageWriter
 from zarrckpt._dcp_tree import dcp_leaves, tree_from_leaves
 from zarrckpt._dtypes import BY_ZARR
+from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -140,7 +141,7 @@ def chunk_files(path: Any) -> dict[str, bytes]:
     for dirpath, _, names in os.walk(path):
         for name in names:
             rel = os.path.relpath(os.path.join(dirpath, name), path)
-            if rel not in ("zarr.json", "zarrckpt.commit"):
+            if rel not in ("zarr.json", COMMIT_MARKER):
                 with open(os.path.join(dirpath, name), "rb") as f:
                     out[rel] = f.read()
     return out
@@ -447,7 +448,7 @@ def test_damaged_and_uncommitted_checkpoints_are_refused(ckpt_dir):
         dcp.load({"w": torch.zeros(8)}, storage_reader=ZarrStorageReader(path))
     assert isinstance(failure(info.value), CorruptCheckpointError)
 
-    os.remove(path / "zarrckpt.commit")
+    os.remove(path / COMMIT_MARKER)
     with pytest.raises(CheckpointException) as info:
         dcp.load({"w": torch.zeros(8)}, storage_reader=ZarrStorageReader(path))
     assert "incomplete" in str(failure(info.value))

@@ -13,6 +13,7 @@ from conftest import save_fast
 
 import zarrckpt
 from zarrckpt import errors
+from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -123,7 +124,7 @@ def test_exists(saved: str) -> None:
 
 
 def test_incomplete(saved: str) -> None:
-    os.remove(os.path.join(saved, "zarrckpt.commit"))
+    os.remove(os.path.join(saved, COMMIT_MARKER))
     with pytest.raises(FileNotFoundError) as info:
         zarrckpt.open(saved)
     assert isinstance(info.value, IncompleteCheckpointError)

@@ -25,6 +25,7 @@ from _inspect_fixtures import PRODUCERS, SMALL_CHUNKS, Produced, get_produced
 
 import zarrckpt
 from zarrckpt import _scan
+from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from zarrckpt.inspect import PickledInfo, TensorInfo, verify
 
@@ -100,7 +101,7 @@ def test_info(produced: Produced) -> None:
     ckpt = zarrckpt.open(produced.before)
     info = ckpt.info()
     ref = produced.before_tensors
-    assert info.format_version == 1
+    assert info.format_version == 2
     assert info.world_size == (2 if produced.label.startswith("fsdp2_ws2") else 1)
     assert info.tensors == len(ref) == len(ckpt.keys())
     assert info.total_bytes == sum(t.numel() * t.element_size() for t in ref.values())
@@ -452,7 +453,7 @@ def test_verify_reports_every_problem(produced: Produced, tmp_path: Path) -> Non
     truncated = _chunk_file(path, "optim.state.emb.weight.exp_avg", (0, 0))
     missing.unlink()
     truncated.write_bytes(truncated.read_bytes()[:-7])
-    (path / "zarrckpt.commit").unlink()
+    (path / COMMIT_MARKER).unlink()
 
     with pytest.raises(IncompleteCheckpointError):
         zarrckpt.open(path)
@@ -485,7 +486,7 @@ def test_verify_each_damage_alone(damage: str, tmp_path: Path,
     elif damage == "truncate":
         file.write_bytes(file.read_bytes()[:10])
     else:
-        (path / "zarrckpt.commit").unlink()
+        (path / COMMIT_MARKER).unlink()
     kinds = {"flip": "checksum", "missing": "missing_chunk", "truncate": "truncated_chunk",
              "marker": "missing_commit_marker"}
     report = verify(path)

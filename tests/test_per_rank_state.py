@@ -379,9 +379,9 @@ def test_bytes_round_trip_without_pickle(tmp_path):
     assert zarrckpt.inspect.verify(path).ok
 
 
-def test_checkpoints_without_bytes_keep_format_version_1(tmp_path):
+def test_checkpoints_without_bytes_are_format_version_2_too(tmp_path):
     zarrckpt.save({"w": torch.ones(2), "step": 1}, tmp_path / "ckpt")
-    assert zarrckpt.open(tmp_path / "ckpt").info().format_version == 1
+    assert zarrckpt.open(tmp_path / "ckpt").info().format_version == 2
 
 
 def test_bytes_in_tree_ls_info_and_diff(tmp_path, capsys):

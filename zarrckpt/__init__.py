@@ -8,19 +8,24 @@ tensorstore.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 from . import errors
-from ._load_result import LoadResult
-from ._zarr_dtypes import register_zarr_dtypes
-from .api import async_save, load, save
-from .inspect import Checkpoint, open
 
-register_zarr_dtypes()
-
+#: public names imported on first use: ``import zarrckpt`` itself imports
+#: neither torch nor zarr (the command line and offline inspection need
+#: neither), ``zarrckpt.save`` imports torch when it is first looked up.
 _LAZY = {
+    "save": ("api", "save"),
+    "load": ("api", "load"),
+    "async_save": ("api", "async_save"),
+    "LoadResult": ("_load_result", "LoadResult"),
+    "open": ("inspect", "open"),
+    "Checkpoint": ("inspect", "Checkpoint"),
+    "register_zarr_dtypes": ("_zarr_dtypes", "register_zarr_dtypes"),
     "ZarrStorageReader": ("dcp", "ZarrStorageReader"),
     "ZarrStorageWriter": ("dcp", "ZarrStorageWriter"),
     "convert": ("convert", None),
@@ -28,8 +33,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import the DCP plug-ins and the converters on first use (they pull in
-    torch.distributed.checkpoint, which costs seconds at import time)."""
+    """Import a public name's module on first use (see ``_LAZY``)."""
     if name not in _LAZY:
         raise AttributeError(f"module 'zarrckpt' has no attribute {name!r}")
     import importlib
@@ -41,9 +45,37 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def _register_zarr_dtypes_with_zarr() -> None:
+    """Make zarr know bfloat16 and float8 once it is imported, without importing it.
+
+    If zarr is already imported the data types are registered now; otherwise the
+    import hook of ``_zarrckpt_zarr_autoload`` (torch- and zarr-free) registers
+    them right after ``import zarr``, even when ``ZARRCKPT_NO_ZARR_AUTOLOAD``
+    turned the automatic hook off: importing zarrckpt asks for them explicitly.
+    """
+    if "zarr" in sys.modules:
+        from ._zarr_dtypes import register_zarr_dtypes
+
+        register_zarr_dtypes()
+    else:
+        import _zarrckpt_zarr_autoload
+
+        _zarrckpt_zarr_autoload.install(force=True)
+
+
+_register_zarr_dtypes_with_zarr()
+
 if TYPE_CHECKING:
     from . import convert
+    from ._load_result import LoadResult
+    from ._zarr_dtypes import register_zarr_dtypes
+    from .api import async_save, load, save
     from .dcp import ZarrStorageReader, ZarrStorageWriter
+    from .inspect import Checkpoint, open
 
 __all__ = [
     "__version__",

@@ -1,25 +1,31 @@
 """The ``zarrckpt convert SRC DST`` command: formats inferred from the paths, a progress bar.
 
-Registered with :func:`zarrckpt.cli.command` when :mod:`zarrckpt.convert` is
-imported (``zarrckpt.cli.PLUGIN_MODULES``).
+Registered with :func:`zarrckpt.cli.command` when this module is imported (it
+is listed in ``zarrckpt.cli.PLUGIN_MODULES``, and :mod:`zarrckpt.convert`
+imports it). Registering imports neither torch nor the converters: they are
+imported when the command runs, so ``zarrckpt --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._convert_sink import ProgressFn
 from ._layout import DEFAULT_CHUNK_BYTES
 from .errors import CheckpointNotFoundError
 
-__all__ = ["register_command", "progress_bar"]
+if TYPE_CHECKING:
+    from ._convert_sink import ProgressFn
+
+__all__ = ["FORMATS", "register_command", "progress_bar"]
+
+#: format names accepted by :func:`zarrckpt.convert.convert` and ``zarrckpt convert --from/--to``
+FORMATS = ("torch", "dcp", "safetensors", "zarrckpt")
 
 
 def register_command() -> None:
     """Register ``zarrckpt convert`` with :mod:`zarrckpt.cli`."""
     from .cli import Arg, command
-    from .convert import FORMATS
 
     @command(
         "convert",
@@ -143,3 +149,6 @@ class _ProgressContext:
 def progress_bar(out: Any, description: str, *, enabled: bool = True) -> _ProgressContext:
     """Context manager giving a progress callback, or None off a terminal (or disabled)."""
     return _ProgressContext(out, description, enabled)
+
+
+register_command()

@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .errors import InvalidKeyError, UnsafeCheckpointError, UnsupportedValueError
 
 __all__ = [
@@ -37,8 +35,16 @@ JsonNode = dict[str, Any]
 INLINE_BYTES_MAX = 4096
 
 
+def _is_torch_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
 def is_stateful(obj: Any) -> bool:
     """DCP's ``Stateful`` protocol: callable ``state_dict`` and ``load_state_dict``."""
+    import torch  # here, not at module level: the reading side (decode_plain) is torch-free
+
     return (
         not isinstance(obj, (torch.Tensor, dict, list, tuple))
         and callable(getattr(obj, "state_dict", None))
@@ -165,7 +171,7 @@ def flatten_state_dict(
     *,
     allow_pickle: bool,
     checkpoint: str,
-    is_tensor_leaf: Callable[[Any], bool] = lambda v: isinstance(v, torch.Tensor),
+    is_tensor_leaf: Callable[[Any], bool] = _is_torch_tensor,
 ) -> FlatState:
     """Walk ``state_dict`` and return its tree, tensors and pickled leaves.
 

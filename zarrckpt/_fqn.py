@@ -43,6 +43,8 @@ MAX_COMPONENT = 200
 MAX_ENCODED = 400
 #: first character of the last component of a hashed path (never produced by step 1)
 HASH_MARK = "="
+#: root names an FQN must not take (``zarrckpt.commit`` is the commit marker of format
+#: version 1; the version 2 marker group ``~commit`` needs no entry: step 1 escapes ``~``)
 RESERVED_ROOT_NAMES = frozenset({"zarr.json", "zarrckpt.commit"})
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _ESCAPE_RE = re.compile(r"%([0-9A-F]{2})")

@@ -17,15 +17,14 @@ PICKLE_GROUP = "~pickle"
 #: group holding the arrays of large ``bytes`` values
 BYTES_GROUP = "~bytes"
 #: the format version of checkpoints without the version-2 node forms
-BASE_FORMAT_VERSION = 1
 
 __all__ = [
     "PICKLE_GROUP",
     "BYTES_GROUP",
-    "tree_format_version",
     "array_path",
     "ArrayEntry",
     "array_document",
+    "dimension_names",
     "group_document",
     "root_document",
     "parse_entry",
@@ -66,6 +65,17 @@ class ArrayEntry:
         }
 
 
+def dimension_names(path: str, ndim: int) -> list[str]:
+    """``dimension_names`` of the array at ``path``: ``<name>:dim_<i>``, where
+    ``<name>`` is the last component of the path.
+
+    Unique per array (``:`` never occurs in an array path), so xarray never
+    aligns dimensions of different tensors.
+    """
+    name = path.rsplit("/", 1)[-1]
+    return [f"{name}:dim_{i}" for i in range(ndim)]
+
+
 def array_document(entry: ArrayEntry) -> dict[str, Any]:
     """The zarr v3 ``zarr.json`` of an array."""
     return {
@@ -81,6 +91,7 @@ def array_document(entry: ArrayEntry) -> dict[str, Any]:
         "fill_value": entry.dtype.fill_value,
         "codecs": entry.layout.to_json_codecs(entry.dtype.zarr_name),
         "attributes": {FORMAT_NAME: {"fqn": entry.fqn, "kind": entry.kind}},
+        "dimension_names": dimension_names(entry.path, len(entry.layout.shape)),
         "storage_transformers": [],
     }
 
@@ -104,7 +115,7 @@ def root_document(
     from . import __version__
 
     manifest: dict[str, Any] = {
-        "format_version": tree_format_version(tree),
+        "format_version": FORMAT_VERSION,
         "checkpoint_id": checkpoint_id,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "zarrckpt_version": __version__,
@@ -120,21 +131,6 @@ def root_document(
     if extra:
         manifest.update(extra)
     return group_document({FORMAT_NAME: manifest})
-
-
-def tree_format_version(tree: Any) -> int:
-    """Format version a checkpoint with this tree is written with: 2 when it holds a
-    ``bytes`` node (a node form version-1 readers do not know), else 1."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if "bytes" in node:
-                return FORMAT_VERSION
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return BASE_FORMAT_VERSION
 
 
 def check_unique_paths(entries: list[ArrayEntry], *, checkpoint: str) -> None:
@@ -158,7 +154,7 @@ def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry
             tuple(raw["shape"]),
             tuple(raw["chunk_shape"]),
             None if inner is None else tuple(inner),
-            dtype.numpy_dtype.itemsize,
+            dtype.itemsize,
         )
         kind = raw.get("kind", "tensor")
         path = raw["path"]
@@ -201,7 +197,7 @@ def check_array_document(entry: ArrayEntry, document: Any, *, checkpoint: str) -
             tuple(document["shape"]),
             tuple(document["chunk_grid"]["configuration"]["chunk_shape"]),
             document["codecs"],
-            dtype.numpy_dtype.itemsize,
+            dtype.itemsize,
         )
         # codecs and chunk key encoding decide how zarr / tensorstore decode the
         # chunks: they must be exactly those zarrckpt wrote (crc32c included)

@@ -8,10 +8,9 @@ import pickle
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ._chunkio import ChunkReader
 from ._dtypes import numpy_as_tensor
@@ -19,6 +18,9 @@ from ._metadata import ArrayEntry, check_array_document, parse_entry
 from ._storage import FORMAT_NAME, read_committed_root
 from ._writer import array_json
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
+
+if TYPE_CHECKING:  # torch is imported only where a tensor is produced
+    import torch
 
 __all__ = ["CheckpointFiles", "ReadRequest"]
 

@@ -2,9 +2,15 @@
 
 A save writes everything into a hidden sibling staging directory
 (``.<name>.zarrckpt-tmp-<id>``), makes the data durable, writes the commit
-marker ``zarrckpt.commit`` last, and then publishes the directory at its path
+marker ``~commit/zarr.json`` last, and then publishes the directory at its path
 with one atomic rename (``renameat2(RENAME_EXCHANGE)`` when replacing an
 existing checkpoint, so the path always holds the old or the new one).
+
+The commit marker is the ``zarr.json`` of an empty zarr group ``~commit``, its
+members in the group's attributes, so that plain zarr lists a checkpoint
+without warnings (zarr-python warns about every root entry that is not a zarr
+node). Format version 1 kept them in the file ``zarrckpt.commit`` at the root
+(:data:`LEGACY_COMMIT_MARKER`); readers accept both (docs/format.md, section 6).
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from .errors import (
 
 __all__ = [
     "COMMIT_MARKER",
+    "COMMIT_GROUP",
+    "LEGACY_COMMIT_MARKER",
+    "find_commit_marker",
+    "parse_commit_marker",
+    "marker_location_problem",
     "ROOT_METADATA",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -44,11 +55,17 @@ __all__ = [
     "read_committed_root",
 ]
 
-COMMIT_MARKER = "zarrckpt.commit"
+#: group holding the commit marker (``~`` never starts an encoded FQN at the root)
+COMMIT_GROUP = "~commit"
+#: the commit marker: relative path of the file, ``/``-separated (format version 2)
+COMMIT_MARKER = COMMIT_GROUP + "/zarr.json"
+#: the commit marker of format version 1 checkpoints, a plain JSON file at the root
+LEGACY_COMMIT_MARKER = "zarrckpt.commit"
+#: attribute of the ``~commit`` group holding the marker's members
+COMMIT_ATTRIBUTE = "zarrckpt_commit"
 ROOT_METADATA = "zarr.json"
 FORMAT_NAME = "zarrckpt"
-#: newest format version read and written (a checkpoint is written with the lowest
-#: version that can express it: docs/format.md, section 10)
+#: newest format version, the one written (older ones are read: docs/format.md, section 10)
 FORMAT_VERSION = 2
 _STAGING_INFIX = ".zarrckpt-tmp-"
 
@@ -79,9 +96,60 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
     raise OSError(err, os.strerror(err), src, None, dst)
 
 
+def find_commit_marker(path: str) -> str:
+    """Relative path of the commit marker of checkpoint ``path``.
+
+    :data:`COMMIT_MARKER`, unless only a format version 1 marker
+    (:data:`LEGACY_COMMIT_MARKER`) exists. The result may not exist (an
+    uncommitted checkpoint).
+    """
+    if not os.path.lexists(os.path.join(path, COMMIT_MARKER)) and os.path.lexists(
+        os.path.join(path, LEGACY_COMMIT_MARKER)
+    ):
+        return LEGACY_COMMIT_MARKER
+    return COMMIT_MARKER
+
+
+def parse_commit_marker(document: Any, name: str) -> dict[str, Any] | None:
+    """The marker's members (``format``, ``format_version``, ...) from the JSON
+    ``document`` read at ``name``, or None when it is not a zarrckpt commit marker.
+
+    A marker at :data:`COMMIT_MARKER` is a zarr group document holding the
+    members in ``attributes.zarrckpt_commit``; a marker at
+    :data:`LEGACY_COMMIT_MARKER` holds them at its top level.
+    """
+    if name == LEGACY_COMMIT_MARKER:
+        marker = document
+    elif isinstance(document, dict) and isinstance(document.get("attributes"), dict):
+        marker = document["attributes"].get(COMMIT_ATTRIBUTE)
+    else:
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        return None
+    return marker
+
+
+def marker_location_problem(path: str, name: str, version: int) -> str | None:
+    """Why a marker of format ``version`` must not be at ``name``, or None when it may.
+
+    Format version 1 keeps the marker in :data:`LEGACY_COMMIT_MARKER`, later
+    versions in :data:`COMMIT_MARKER`.
+    """
+    if (version == 1) == (name == LEGACY_COMMIT_MARKER):
+        return None
+    expected = LEGACY_COMMIT_MARKER if version == 1 else COMMIT_MARKER
+    return (
+        f"checkpoint {path!r}: its commit marker {name!r} has format version {version}, "
+        f"whose commit marker is {expected!r}"
+    )
+
+
 def is_checkpoint_dir(path: str) -> bool:
     """True when ``path`` looks like a zarrckpt checkpoint (committed or not)."""
-    if os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+    if any(
+        os.path.isfile(os.path.join(path, name))
+        for name in (COMMIT_MARKER, LEGACY_COMMIT_MARKER)
+    ):
         return True
     try:
         with open(os.path.join(path, ROOT_METADATA), "rb") as f:
@@ -216,17 +284,21 @@ def write_commit_marker(
     fsync: bool,
     format_version: int = FORMAT_VERSION,
 ) -> None:
-    """Write the commit marker (last file of a checkpoint)."""
+    """Write the commit marker (last file of a checkpoint): ``~commit/zarr.json``."""
     marker = {
         "format": FORMAT_NAME,
         "format_version": format_version,
         "checkpoint_id": checkpoint_id,
         "root_metadata_crc32c": crc32c(root_bytes),
     }
-    marker_path = os.path.join(staging, COMMIT_MARKER)
-    write_json(marker_path, marker)
+    group = os.path.join(staging, COMMIT_GROUP)
+    os.makedirs(group, exist_ok=True)
+    marker_path = os.path.join(staging, *COMMIT_MARKER.split("/"))
+    document = {"zarr_format": 3, "node_type": "group", "attributes": {COMMIT_ATTRIBUTE: marker}}
+    write_json(marker_path, document)
     if fsync:
         _fsync_path(marker_path)
+        _fsync_path(group)
         _fsync_path(staging)
 
 
@@ -287,8 +359,9 @@ def read_committed_root(path: str) -> dict[str, Any]:
         Nothing at ``path``, or not a zarrckpt checkpoint (the message says what
         the path holds: a DCP checkpoint, a directory of checkpoints, ...).
     IncompleteCheckpointError
-        A zarrckpt checkpoint without commit marker (its save never finished)
-        or with a marker of another format.
+        No commit marker (the save never finished) or a marker of another format.
+        The marker is ``~commit/zarr.json``, or ``zarrckpt.commit`` in a format
+        version 1 checkpoint.
     CorruptCheckpointError
         The root metadata is unreadable or does not match the marker's checksum.
     """
@@ -301,19 +374,21 @@ def read_committed_root(path: str) -> dict[str, Any]:
             f"{path!r} is a file, not a zarrckpt checkpoint directory "
             "(use zarrckpt.convert for torch.save or safetensors files)"
         )
-    marker_path = os.path.join(path, COMMIT_MARKER)
+    name = find_commit_marker(path)
+    marker_path = os.path.join(path, *name.split("/"))
     try:
         with open(marker_path, "rb") as f:
-            marker = json.loads(f.read())
+            document = json.loads(f.read())
     except FileNotFoundError:
         raise not_committed_error(path) from None
     except ValueError as e:
         raise CorruptCheckpointError(
-            f"checkpoint {path!r}: commit marker {COMMIT_MARKER!r} is not valid JSON ({e})"
+            f"checkpoint {path!r}: commit marker {name!r} is not valid JSON ({e})"
         ) from None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+    marker = parse_commit_marker(document, name)
+    if marker is None:
         raise IncompleteCheckpointError(
-            f"checkpoint {path!r}: {COMMIT_MARKER!r} is not a zarrckpt commit marker"
+            f"checkpoint {path!r}: {name!r} is not a zarrckpt commit marker"
         )
     version = marker.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -321,6 +396,9 @@ def read_committed_root(path: str) -> dict[str, Any]:
             f"checkpoint {path!r} has format version {version!r}; this zarrckpt reads "
             f"versions up to {FORMAT_VERSION}: upgrade zarrckpt"
         )
+    problem = marker_location_problem(path, name, version)
+    if problem is not None:
+        raise CorruptCheckpointError(problem)
     root_path = os.path.join(path, ROOT_METADATA)
     try:
         with open(root_path, "rb") as f:

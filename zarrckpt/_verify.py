@@ -27,7 +27,15 @@ from ._layout import ArrayLayout, Region
 from ._metadata import ArrayEntry, check_array_document, parse_entry
 from ._paths import check_path
 from ._scan import Progress, Slab, array_dir, pack, plan_slabs, run_tasks, what
-from ._storage import COMMIT_MARKER, FORMAT_NAME, FORMAT_VERSION, ROOT_METADATA
+from ._storage import (
+    COMMIT_MARKER,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ROOT_METADATA,
+    find_commit_marker,
+    marker_location_problem,
+    parse_commit_marker,
+)
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, ZarrCkptError
 
 __all__ = ["Problem", "VerifyReport", "verify", "PROBLEM_KINDS"]
@@ -219,11 +227,13 @@ def _verify_task(slabs: list[Slab], root: str) -> tuple[list[Problem], int]:
 # ------------------------------------------------------------------ metadata
 
 
-def _read_marker(path: str, report: VerifyReport) -> dict[str, Any] | None:
-    marker_path = os.path.join(path, COMMIT_MARKER)
+def _read_marker(path: str, report: VerifyReport) -> tuple[str, dict[str, Any] | None]:
+    """(where the marker is, its members or None after reporting the problem)."""
+    name = find_commit_marker(path)
+    marker_path = os.path.join(path, *name.split("/"))
     try:
         with open(marker_path, "rb") as f:
-            marker = json.loads(f.read())
+            document = json.loads(f.read())
     except FileNotFoundError:
         report.problems.append(Problem(
             "missing_commit_marker",
@@ -231,23 +241,23 @@ def _read_marker(path: str, report: VerifyReport) -> dict[str, Any] | None:
             "that wrote it did not finish; zarrckpt.load and zarrckpt.open refuse it)",
             file=COMMIT_MARKER,
         ))
-        return None
+        return name, None
     except (OSError, ValueError) as e:
         report.problems.append(Problem(
             "bad_commit_marker",
-            f"checkpoint {path!r}: commit marker {COMMIT_MARKER!r} is not valid JSON ({e})",
-            file=COMMIT_MARKER,
+            f"checkpoint {path!r}: commit marker {name!r} is not valid JSON ({e})",
+            file=name,
         ))
-        return None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        return name, None
+    marker = parse_commit_marker(document, name)
+    if marker is None:
         report.problems.append(Problem(
             "bad_commit_marker",
-            f"checkpoint {path!r}: {COMMIT_MARKER!r} is not a zarrckpt commit marker "
+            f"checkpoint {path!r}: {name!r} is not a zarrckpt commit marker "
             f"(expected a JSON object with format {FORMAT_NAME!r})",
-            file=COMMIT_MARKER,
+            file=name,
         ))
-        return None
-    return marker
+    return name, marker
 
 
 def _read_manifest(path: str, marker: dict[str, Any] | None, report: VerifyReport
@@ -362,7 +372,7 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(f"{path!r} is a file, not a zarrckpt checkpoint directory")
     report = VerifyReport(path)
-    marker = _read_marker(path, report)
+    marker_name, marker = _read_marker(path, report)
     if marker is not None:
         version = marker.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -370,10 +380,14 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
                 "unsupported_version",
                 f"checkpoint {path!r} has format version {version!r}; this zarrckpt verifies "
                 f"versions up to {FORMAT_VERSION}",
-                file=COMMIT_MARKER,
+                file=marker_name,
             ))
             return report
-        report.committed = True
+        location = marker_location_problem(path, marker_name, version)
+        if location is not None:
+            report.problems.append(Problem("bad_commit_marker", location, file=marker_name))
+        else:
+            report.committed = True
     manifest = _read_manifest(path, marker, report)
     if manifest is None:
         return report

@@ -115,13 +115,14 @@ def _write_small(path: str, data: bytes) -> None:
 
 _FQN_MARK = "\x00zarrckpt-fqn\x00"
 _PATH_MARK = "\x00zarrckpt-path\x00"
-_TEMPLATES: dict[tuple[object, ...], tuple[str, str] | None] = {}
+_TEMPLATES: dict[tuple[object, ...], tuple[list[str], list[str]] | None] = {}
 _MAX_TEMPLATES = 4096
 
 
-def _template(entry: ArrayEntry) -> tuple[str, str] | None:
-    """``array_json`` text of ``entry`` cut around its FQN, or None if the
-    document depends on more than the FQN (then it is dumped whole)."""
+def _template(entry: ArrayEntry) -> tuple[list[str], list[str]] | None:
+    """``array_json`` text of ``entry`` cut around its FQN, each side cut where
+    the last component of its path goes (``dimension_names``), or None if the
+    document depends on more than these (then it is dumped whole)."""
     try:
         marked = dataclasses.replace(entry, fqn=_FQN_MARK, path=_PATH_MARK)
         text = json.dumps(array_document(marked), ensure_ascii=False, indent=1)
@@ -129,10 +130,10 @@ def _template(entry: ArrayEntry) -> tuple[str, str] | None:
         return None
     fqn_json = json.dumps(_FQN_MARK, ensure_ascii=False)
     path_json = json.dumps(_PATH_MARK, ensure_ascii=False)[1:-1]
-    if text.count(fqn_json) != 1 or path_json in text:
+    if text.count(fqn_json) != 1:
         return None
     head, tail = text.split(fqn_json)
-    return head, tail
+    return head.split(path_json), tail.split(path_json)
 
 
 def array_json(entry: ArrayEntry) -> bytes:
@@ -140,8 +141,9 @@ def array_json(entry: ArrayEntry) -> bytes:
     ensure_ascii=False, indent=1)``, encoded as UTF-8.
 
     The indented dump runs in pure Python (tens of microseconds), so arrays that
-    differ only by their FQN (the common case: a thousand bias vectors) share one
-    template and only the FQN is encoded per array; the bytes are identical.
+    differ only by their FQN and path (the common case: a thousand bias vectors)
+    share one template and only the FQN and the path's last component (in
+    ``dimension_names``) are filled in per array; the bytes are identical.
     """
     key = (entry.dtype.zarr_name, repr(entry.dtype.fill_value), entry.layout, entry.kind)
     if key not in _TEMPLATES:
@@ -152,7 +154,10 @@ def array_json(entry: ArrayEntry) -> bytes:
     if template is None:  # the document depends on more than the FQN: dump it whole
         return json.dumps(array_document(entry), ensure_ascii=False, indent=1).encode()
     head, tail = template
-    return (head + json.dumps(entry.fqn, ensure_ascii=False) + tail).encode()
+    name = json.dumps(entry.path.rsplit("/", 1)[-1], ensure_ascii=False)[1:-1]
+    return (
+        name.join(head) + json.dumps(entry.fqn, ensure_ascii=False) + name.join(tail)
+    ).encode()
 
 
 def write_metadata(root: str, entries: Iterable[ArrayEntry]) -> None:

@@ -3,7 +3,9 @@
 The implementation lives in the top-level module ``_zarrckpt_zarr_dtypes``
 (shipped in the same wheel) so that zarr-python, and the import hook that
 registers the data types when zarr is imported, can load it without importing
-``zarrckpt`` and therefore torch.  This module re-exports it; see
+``zarrckpt`` and therefore torch.  This module re-exports it, and registers
+the data types when it is imported (importing the plug-in imports zarr, and the
+import hook leaves the registration to whoever imported the plug-in); see
 ``docs/dtypes.md``.
 """
 
@@ -30,3 +32,5 @@ __all__ = [
     "Float8E5M2",
     "register_zarr_dtypes",
 ]
+
+register_zarr_dtypes()

@@ -1,7 +1,12 @@
 """The ``zarrckpt`` command line (also ``python -m zarrckpt``).
 
 Commands: ``ls``, ``info``, ``tree``, ``stats``, ``diff``, ``verify``, ``plot``,
-plus any registered by plug-in modules (``convert``, from :mod:`zarrckpt.convert`).
+plus any registered by plug-in modules (``convert``, from :mod:`zarrckpt._convert_cli`).
+
+Start-up is kept cheap: ``zarrckpt --help`` imports neither torch, numpy nor
+zarr, and the commands that only read a checkpoint never import torch (the
+inspection modules and ``zarrckpt/__init__`` import it only where a tensor is
+produced); ``tests/test_cli_imports.py`` checks this.
 
 Output is a rich table (and progress bars on stderr) on a terminal, plain
 aligned text when piped, and JSON with ``--json`` (non-finite floats as the
@@ -15,7 +20,8 @@ Adding a command
 ----------------
 A command is one function registered with :func:`command`; modules listed in
 :data:`PLUGIN_MODULES` are imported when the parser is built, so
-``zarrckpt/convert.py`` adds ``zarrckpt convert`` with::
+``zarrckpt/_convert_cli.py`` adds ``zarrckpt convert`` with (a plug-in module
+should import its heavy dependencies inside the command function)::
 
     from zarrckpt.cli import Arg, command
 
@@ -64,7 +70,7 @@ __all__ = [
 ]
 
 #: modules imported when the parser is built; each may register commands with @command
-PLUGIN_MODULES: tuple[str, ...] = ("zarrckpt.convert",)
+PLUGIN_MODULES: tuple[str, ...] = ("zarrckpt._convert_cli",)
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -445,8 +451,12 @@ def _tree_json(node: Any) -> Any:
     return node
 
 
+#: the "leaf" of a tree line that opens a non-empty container (None is a stored value)
+_CONTAINER = object()
+
+
 def _tree_lines(node: Any, depth: int = 0) -> Iterator[tuple[int, str, Any]]:
-    """(depth, label, leaf or None) for each line of the tree."""
+    """(depth, label, leaf or _CONTAINER) for each line of the tree."""
     from .inspect import BytesInfo, PickledInfo, TensorInfo
 
     items: Any
@@ -457,7 +467,7 @@ def _tree_lines(node: Any, depth: int = 0) -> Iterator[tuple[int, str, Any]]:
         ) or not value:
             yield depth, str(key), value
         else:
-            yield depth, str(key), None
+            yield depth, str(key), _CONTAINER
             yield from _tree_lines(value, depth + 1)
 
 
@@ -490,14 +500,14 @@ def _tree(args: argparse.Namespace, out: Output) -> int:
         stack = [root]
         for depth, label, leaf in _tree_lines(tree):
             del stack[depth + 1 :]
-            if leaf is None:
+            if leaf is _CONTAINER:
                 stack.append(stack[depth].add(f"[bold]{escape(label)}[/]"))
             else:
                 stack[depth].add(f"{escape(label)}  [cyan]{escape(_leaf_text(leaf))}[/]")
         out.console.print(root)
         return EXIT_OK
     for depth, label, leaf in _tree_lines(tree):
-        text = label if leaf is None else f"{label}  {_leaf_text(leaf)}"
+        text = label if leaf is _CONTAINER else f"{label}  {_leaf_text(leaf)}"
         out.line("  " * depth + text)
     return EXIT_OK
 

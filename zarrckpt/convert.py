@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+# FORMATS: format names; importing _convert_cli also registers ``zarrckpt convert``
+from ._convert_cli import FORMATS
 from ._convert_sink import CheckpointBuilder, ProgressFn, ProgressTracker
 from ._dcp_io import DcpSource, is_dcp_dir, save_streaming
 from ._dtypes import info_for_torch, tensor_as_numpy
@@ -87,9 +89,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-
-#: format names accepted by :func:`convert` and ``zarrckpt convert --from/--to``
-FORMATS = ("torch", "dcp", "safetensors", "zarrckpt")
 
 #: manifest member where converters record what the tree alone does not say
 MANIFEST_MEMBER = "convert"
@@ -857,7 +856,7 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
     """The format of ``path``: ``"torch"``, ``"dcp"``, ``"safetensors"`` or ``"zarrckpt"``.
 
     A source is recognized by its content: a zarrckpt checkpoint directory
-    (``zarr.json`` with a zarrckpt manifest or ``zarrckpt.commit``), a DCP
+    (``zarr.json`` with a zarrckpt manifest, or a commit marker), a DCP
     directory (``.metadata``), a zip or legacy ``torch.save`` file, a
     safetensors file. A destination (``role="destination"``) by its name: a
     ``.safetensors`` file, a ``.pt``/``.pth``/``.bin``/``.ckpt`` file, an
@@ -1013,9 +1012,3 @@ def convert(
         return ConvertResult(s, d, sf, df, first.tensors, first.nbytes)
     finally:
         remove_tree(tmp_parent)
-
-
-# the ``zarrckpt convert`` command (registered with zarrckpt.cli when this module loads)
-from ._convert_cli import register_command as _register_command  # noqa: E402
-
-_register_command()

@@ -18,10 +18,9 @@ import fnmatch
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ._chunkio import ChunkReader
 from ._diff import DiffReport, TensorDiff, compute_diff
@@ -34,6 +33,9 @@ from ._stats import TensorStats, compute_stats
 from ._verify import Problem, VerifyReport, verify
 from ._writer import default_threads
 from .errors import CorruptCheckpointError, MissingKeysError
+
+if TYPE_CHECKING:  # torch is imported only where a tensor is produced
+    import torch
 
 __all__ = [
     "BytesInfo",
