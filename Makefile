@@ -33,6 +33,7 @@ test: install
 lint: install
 	$(PY) -m ruff check zarrckpt tests benchmarks
 	$(PY) -m mypy zarrckpt
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) -m benchmarks

@@ -61,7 +61,7 @@ print(sum(t.numel() * t.element_size() for t in sd.values()), len(sd))
 _ZARRCKPT = r"""
 import json, resource, sys, threading, time
 import zarrckpt
-from zarrckpt import _stats
+from zarrckpt.inspect import _stats
 spans = []
 task = _stats._stats_task
 def timed_task(*args):  # records when each dask task runs, and on which thread

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zarrckpt
-from zarrckpt import _chunkio
 from zarrckpt.errors import DistributedSaveError, ZarrCkptError
+from zarrckpt.format import _chunkio
 
 STAGING_INFIX = ".zarrckpt-tmp-"
 

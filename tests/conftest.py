@@ -93,7 +93,7 @@ def save_fast(state_dict: Any, path: Any, **options: Any) -> None:
 
 
 def array_path(fqn: str) -> str:
-    from zarrckpt._fqn import fqn_to_path
+    from zarrckpt.format._fqn import fqn_to_path
 
     return fqn_to_path(fqn)
 

@@ -36,7 +36,7 @@ import torch
 from conftest import DTYPES, assert_bits_equal, random_tensor
 
 import zarrckpt
-from zarrckpt import _chunkio, convert
+from zarrckpt import convert
 from zarrckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -44,6 +44,7 @@ from zarrckpt.errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
+from zarrckpt.format import _chunkio
 
 # ---------------------------------------------------------------- helpers
 
@@ -729,8 +730,8 @@ def test_cli_progress_bar_on_a_terminal(tmp_path: Path) -> None:
         def isatty(self) -> bool:
             return True
 
-    from zarrckpt._convert_cli import progress_bar
     from zarrckpt.cli import Output
+    from zarrckpt.cli.convert import progress_bar
 
     err = Terminal()
     out = Output(stdout=io.StringIO(), stderr=err)

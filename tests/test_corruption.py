@@ -21,13 +21,13 @@ import torch
 from conftest import array_path, assert_bits_equal, save_fast
 
 import zarrckpt
-from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     ZarrCkptError,
 )
+from zarrckpt.storage._storage import COMMIT_MARKER
 
 # chunk_bytes / inner_chunk_bytes chosen so that
 #  * "plain" (5 rows of 60 kB) is cut into 5 one-row chunks of 60 kB <= 60 kB: plain files

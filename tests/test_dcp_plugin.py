@@ -34,15 +34,15 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 
 import zarrckpt
 from zarrckpt import ZarrStorageReader, ZarrStorageWriter
-from zarrckpt._dcp_tree import dcp_leaves, tree_from_leaves
-from zarrckpt._dtypes import BY_ZARR
-from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     InvalidKeyError,
     UnsafeCheckpointError,
 )
+from zarrckpt.format._dtypes import BY_ZARR
+from zarrckpt.interop._dcp_tree import dcp_leaves, tree_from_leaves
+from zarrckpt.storage._storage import COMMIT_MARKER
 from zarrckpt.testing import run_distributed
 
 pytestmark = pytest.mark.filterwarnings(

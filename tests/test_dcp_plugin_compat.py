@@ -22,12 +22,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import torch_save_to_dcp
 
 import zarrckpt
-from zarrckpt import ZarrStorageReader, ZarrStorageWriter, _inplace
+from zarrckpt import ZarrStorageReader, ZarrStorageWriter
 from zarrckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     IncompleteCheckpointError,
 )
+from zarrckpt.storage import _inplace
 from zarrckpt.testing import run_distributed
 
 pytestmark = pytest.mark.filterwarnings(
@@ -253,7 +254,8 @@ _KILL = textwrap.dedent(
     """
     import os, sys, torch
     import torch.distributed.checkpoint as dcp
-    from zarrckpt import ZarrStorageWriter, _inplace
+    from zarrckpt import ZarrStorageWriter
+    from zarrckpt.storage import _inplace
     path, kill_at = sys.argv[1], int(sys.argv[2])
     real, count = os.rename, [0]
     def rename(src, dst):

@@ -13,7 +13,6 @@ from conftest import save_fast
 
 import zarrckpt
 from zarrckpt import errors
-from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -28,6 +27,7 @@ from zarrckpt.errors import (
     UnsupportedValueError,
     ZarrCkptError,
 )
+from zarrckpt.storage._storage import COMMIT_MARKER
 
 HIERARCHY: dict[type[Exception], tuple[type[BaseException], ...]] = {
     CheckpointNotFoundError: (FileNotFoundError, OSError),

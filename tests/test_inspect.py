@@ -24,10 +24,9 @@ import torch
 from _inspect_fixtures import PRODUCERS, SMALL_CHUNKS, Produced, get_produced
 
 import zarrckpt
-from zarrckpt import _scan
-from zarrckpt._storage import COMMIT_MARKER
 from zarrckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from zarrckpt.inspect import PickledInfo, TensorInfo, verify
+from zarrckpt.inspect import PickledInfo, TensorInfo, _scan, verify
+from zarrckpt.storage._storage import COMMIT_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 

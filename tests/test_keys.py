@@ -25,13 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import zarrckpt
-from zarrckpt._fqn import fqn_to_path, path_to_fqn
 from zarrckpt.errors import (
     InvalidKeyError,
     MissingKeysError,
     ShapeMismatchError,
     StateDictMismatchError,
 )
+from zarrckpt.format._fqn import fqn_to_path, path_to_fqn
 
 LONG = "x" * 10_000
 LONG_UNICODE = "é" * 3000 + "😀" * 500 + ".weight"

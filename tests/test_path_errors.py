@@ -342,7 +342,7 @@ def _missing_parents_ws2(rank: int, world_size: int, base: str) -> dict[str, Any
 
 def _staging_visibility_ws2(rank: int, world_size: int, base: str) -> dict[str, Any]:
     """Rank 1 sees rank 0's staging directory late (NFS caches), or never."""
-    from zarrckpt import _paths
+    from zarrckpt.storage import _paths
 
     real_isdir = os.path.isdir
     out: dict[str, Any] = {}

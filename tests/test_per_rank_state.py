@@ -455,7 +455,7 @@ def test_bytes_through_the_dcp_plugins_without_pickle(tmp_path):
 
 
 def test_keys_colliding_across_ranks_are_refused():
-    from zarrckpt._tree_merge import merge_trees
+    from zarrckpt.format._tree_merge import merge_trees
 
     trees = [
         {"dict": [["a.b", {"value": 1}]]},

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
 
-from zarrckpt._layout import choose_inner_shape, choose_layout
-from zarrckpt._planning import ArrayPieces, plan_arrays, regular_chunk_shape
-from zarrckpt._sharding import _chunk_range, _split_indices, dtensor_runs, index_runs
 from zarrckpt.errors import UnsupportedValueError
+from zarrckpt.format._layout import choose_inner_shape, choose_layout
+from zarrckpt.parallel._planning import ArrayPieces, plan_arrays, regular_chunk_shape
+from zarrckpt.parallel._sharding import _chunk_range, _split_indices, dtensor_runs, index_runs
 
 
 @dataclass

@@ -11,9 +11,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from . import errors
+from ._version import __version__
 
 #: public names imported on first use: ``import zarrckpt`` itself imports
 #: neither torch nor zarr (the command line and offline inspection need

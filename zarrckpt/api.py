@@ -2,32 +2,42 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from concurrent.futures import Future
 from typing import Any
 
-from . import _async
-from ._collective import Comm
-from ._file_source import open_file_source
-from ._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
-from ._load import LoadPlan
 from ._load_result import LoadResult
-from ._log import Operation
-from ._paths import check_path
-from ._reader import CheckpointFiles
-from ._save import SaveOptions, prepare_local, save_collective
-from ._staging import HostStager
-from ._writer import default_threads
 from .errors import (
     MissingKeysError,
     ShapeMismatchError,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
+from .format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
+from .parallel import _async
+from .parallel._collective import Comm
+from .parallel._load import LoadPlan
+from .parallel._log import Operation
+from .parallel._reader import CheckpointFiles
+from .parallel._save import SaveOptions, prepare_local, save_collective
+from .parallel._staging import HostStager
+from .parallel._writer import default_threads
+from .storage._paths import check_path
 
 __all__ = ["save", "load", "async_save"]
 
 PathLike = str | os.PathLike[str]
+
+#: the opener of single-file sources (torch.save, safetensors), an interop plug-in
+#: imported by name on first use: the api layer does not import the interop layer
+#: (docs: the layers contract in pyproject.toml)
+_FILE_SOURCE_OPENER = "zarrckpt.interop._file_source:open_file_source"
+
+
+def _file_source_opener() -> Any:
+    module, _, name = _FILE_SOURCE_OPENER.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _options(
@@ -273,7 +283,7 @@ def load(
     def plan() -> tuple[CheckpointFiles, LoadPlan]:
         # a single file (torch.save / safetensors) is read through a memory map
         files = (
-            open_file_source(path, allow_pickle=allow_pickle)
+            _file_source_opener()(path, allow_pickle=allow_pickle)
             if os.path.isfile(path)
             else CheckpointFiles(path)
         )

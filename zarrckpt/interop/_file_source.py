@@ -1,0 +1,96 @@
+"""Single files as sources of :func:`zarrckpt.load`: ``torch.save`` and safetensors.
+
+``zarrckpt.load(state_dict, "model.pt")`` plans and applies the load exactly
+as for a checkpoint directory (:class:`~zarrckpt.parallel._load.LoadPlan`); only the
+object that serves the reads differs. Each rank memory-maps the file and
+copies the slices its target tensors hold, so a sharded model (FSDP2 /
+DTensor, FSDP1 ``ShardedTensor``, TP) is loaded without any rank reading or
+broadcasting whole tensors it does not hold.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CorruptCheckpointError
+from ..format._dtypes import numpy_as_tensor
+from ..format._flatten import FlatState
+from ._safetensors_io import SafetensorsReader, read_layout
+from ._torchsave_source import FileSource, TorchSaveFile
+
+__all__ = ["SafetensorsFile", "TorchSaveFile", "open_file_source"]
+
+
+class SafetensorsFile(FileSource):
+    """A safetensors file as a source for :func:`zarrckpt.load` (memory-mapped).
+
+    Tensors are offered under their names, or with the nesting and plain
+    values recorded by :func:`zarrckpt.convert.to_safetensors`.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._reader = SafetensorsReader(path)
+        tree, _record, complex_names = read_layout(self._reader)
+        tensors: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only map: never written
+            for name, e in self._reader.entries.items():
+                array = self._reader.array(e)
+                dtype = e.dtype
+                if name in complex_names:
+                    array = array.view(np.complex128).reshape(e.shape[:-1])
+                    dtype = torch.complex128
+                tensors[name] = numpy_as_tensor(array, dtype)
+        super().__init__(path, FlatState(tree, tensors, {}), unsafe=False)
+
+
+def _head(path: str, n: int = 32) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _is_safetensors(path: str) -> bool:
+    if path.lower().endswith(".safetensors"):
+        return True
+    head = _head(path, 9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+#: torch.serialization.MAGIC_NUMBER as pickled (LONG1) at the start of a legacy torch.save file
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _is_legacy_torch_save(path: str) -> bool:
+    """A pre-1.6 (non-zip) torch.save file: a pickle starting with torch's magic number."""
+    head = _head(path)
+    return head[:1] == b"\x80" and _LEGACY_MAGIC in head
+
+
+def open_file_source(path: str, *, allow_pickle: bool) -> Any:
+    """The load source for a single file: a ``torch.save`` file or a safetensors file.
+
+    Raises
+    ------
+    zarrckpt.errors.CorruptCheckpointError
+        The file is neither.
+    """
+    if zipfile.is_zipfile(path):
+        return TorchSaveFile(path, allow_pickle=allow_pickle)
+    if _is_safetensors(path):
+        return SafetensorsFile(path)
+    if _is_legacy_torch_save(path):
+        return TorchSaveFile(path, allow_pickle=allow_pickle)
+    head = _head(path, 8)
+    raise CorruptCheckpointError(
+        f"{path!r} is a file but neither a torch.save file nor a safetensors file (it "
+        f"starts with bytes {head.hex(' ') or '(none: it is empty)'}; or it is damaged), "
+        "and a zarrckpt checkpoint is a directory: zarrckpt.load reads those three"
+    )

@@ -1,0 +1,351 @@
+"""Collective save: describe local pieces, agree on a plan, write, commit.
+
+Phases (each ends with an agreement, so a failure anywhere is raised on every
+rank and nothing is committed):
+
+1. every rank flattens its state dict and describes its tree and the pieces
+   it holds; the descriptions are all-gathered and every rank computes the
+   same plan, whose tree is the union of the ranks' trees (keys only some
+   ranks have are kept; different values at one key are refused);
+2. rank 0 checks the destination and creates the staging directory;
+3. every rank writes its share of array metadata and the chunks assigned to
+   it, and makes them durable;
+4. rank 0 writes the root metadata and the commit marker and publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DistributedSaveError, InvalidKeyError, UnsupportedValueError
+from ..format._dtypes import info_for_torch, tensor_as_numpy
+from ..format._flatten import flatten_state_dict, pickle_value
+from ..format._layout import choose_layout
+from ..format._metadata import ArrayEntry, array_path, check_unique_paths, root_document
+from ..format._tree_merge import merge_trees
+from ..storage._paths import wait_visible
+from ..storage._storage import check_writable, commit, new_staging_dir, remove_tree, sync_tree
+from ._collective import Comm
+from ._planning import ArrayPieces, plan_arrays
+from ._sharding import LocalView, describe_leaf, is_tensor_leaf
+from ._writer import ChunkWrite, write_arrays
+
+__all__ = ["SaveOptions", "SaveReport", "LocalState", "prepare_local", "save_collective"]
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    overwrite: bool = False
+    allow_pickle: bool = False
+    fsync: bool = True
+    chunk_bytes: int = 64 << 20
+    inner_chunk_bytes: int = 1 << 20
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What a committed save stored: its tensors (all ranks) and this rank's writes."""
+
+    tensors: int
+    nbytes: int
+    bytes_written: int
+
+
+def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """CPU tensor with plain (non-conjugated, non-negated) bits and the same values."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t
+
+
+@dataclass
+class LocalState:
+    """Everything one rank contributes to a save, already on the host."""
+
+    tree: dict[str, Any]
+    views: dict[str, LocalView]
+    #: fqn -> list of host numpy arrays, one per block of views[fqn]
+    sources: dict[str, list[np.ndarray]]
+    pickled: dict[str, bytes] = field(default_factory=dict)
+    #: fqn -> content of the large bytes values (stored as arrays)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What the other ranks need to know (no tensor data): the tree, each
+        tensor's shape, dtype and pieces, the size of each pickled or large
+        bytes value (and a digest of the latter, to compare them across ranks)."""
+        return {
+            "tree": self.tree,
+            "tensors": {
+                fqn: (
+                    view.global_shape,
+                    str(view.dtype),
+                    [b.region for b in view.blocks],
+                    view.replicated,
+                )
+                for fqn, view in self.views.items()
+            },
+            "pickled": {fqn: len(data) for fqn, data in self.pickled.items()},
+            "blobs": {
+                fqn: (len(data), hashlib.sha256(data).hexdigest())
+                for fqn, data in self.blobs.items()
+            },
+        }
+
+
+def prepare_local(
+    state_dict: Any,
+    path: str,
+    options: SaveOptions,
+    *,
+    stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> LocalState:
+    """Flatten, validate and stage this rank's state on the host.
+
+    With ``stage`` every tensor piece is copied by it (into a host buffer), so
+    the caller may modify its tensors as soon as this returns (``async_save``);
+    without it CPU tensors are used in place.
+    """
+    flat = flatten_state_dict(
+        state_dict,
+        allow_pickle=options.allow_pickle,
+        checkpoint=path,
+        is_tensor_leaf=is_tensor_leaf,
+    )
+    views: dict[str, LocalView] = {}
+    sources: dict[str, list[np.ndarray]] = {}
+    for fqn, leaf in flat.tensors.items():
+        view = describe_leaf(leaf, key=fqn, path=path)
+        info_for_torch(view.dtype, key=fqn, path=path)
+        data = []
+        for block in view.blocks:
+            t = block.data()
+            if t.layout != torch.strided:
+                raise UnsupportedValueError(
+                    f"tensor {fqn!r} for checkpoint {path!r} has layout {t.layout}; "
+                    "only dense (strided) tensors are stored"
+                )
+            if t.device.type == "meta":
+                raise UnsupportedValueError(
+                    f"tensor {fqn!r} for checkpoint {path!r} is on the meta device and has no data"
+                )
+            host = stage(t) if stage is not None else host_tensor(t)
+            data.append(tensor_as_numpy(host))
+        views[fqn] = view
+        sources[fqn] = data
+    pickled = {}
+    for fqn, obj in flat.pickled.items():
+        pickled[fqn] = pickle_value(fqn, obj, checkpoint=path)
+    return LocalState(flat.tree, views, sources, pickled, dict(flat.blobs))
+
+
+def sharding_summary(local: LocalState) -> dict[str, Any]:
+    """Manifest fields describing the parallelism at save time (informational):
+    ``mesh`` (the first device mesh seen: shape and dimension names) and
+    ``sharding`` ({fqn: placements / shard count} for sharded tensors)."""
+    mesh = None
+    sharding = {}
+    for fqn, view in local.views.items():
+        if not view.sharding:
+            continue
+        sharding[fqn] = view.sharding
+        if mesh is None and "mesh_shape" in view.sharding:
+            mesh = {
+                "shape": view.sharding["mesh_shape"],
+                "dim_names": view.sharding["mesh_dim_names"],
+            }
+    return {"mesh": mesh, "sharding": sharding}
+
+
+def _tensor_holders(tensors: list[dict[str, Any]], path: str) -> dict[str, list[int]]:
+    """FQN -> ranks that have the tensor (rank order, FQNs in order of first appearance);
+    the ranks having a tensor must agree on its global shape and dtype."""
+    holders: dict[str, list[int]] = {}
+    for rank, summary in enumerate(tensors):
+        for fqn, (shape, dtype, _, _) in summary.items():
+            if fqn in holders:
+                first = holders[fqn][0]
+                shape0, dtype0, _, _ = tensors[first][fqn]
+                if tuple(shape) != tuple(shape0) or dtype != dtype0:
+                    raise InvalidKeyError(
+                        f"ranks disagree on tensor {fqn!r} in {path!r}: rank {first} has global "
+                        f"shape {list(shape0)} {dtype0}, rank {rank} has {list(shape)} {dtype}"
+                    )
+            holders.setdefault(fqn, []).append(rank)
+    return holders
+
+
+@dataclass
+class SavePlan:
+    """What every rank agreed on: array entries, chunk writers, the merged tree, and
+    the rank writing each pickled or large bytes value."""
+
+    entries: list[ArrayEntry]
+    writers: dict[str, Any]
+    tree: dict[str, Any]
+    value_writers: dict[str, int]
+
+
+def _build_plan(summaries: list[dict[str, Any]], path: str, options: SaveOptions) -> SavePlan:
+    """The plan of a save from every rank's summary (the same on every rank).
+
+    The tree is the union of the ranks' trees; a tensor, pickled or bytes value is
+    written by a rank that has it (see :func:`~zarrckpt.format._tree_merge.merge_trees`).
+    """
+    tree = merge_trees(
+        [s["tree"] for s in summaries],
+        path=path,
+        blob_digests=[
+            {fqn: f"{n} bytes, sha256 {digest[:16]}" for fqn, (n, digest) in s["blobs"].items()}
+            for s in summaries
+        ],
+    )
+    tensors = [s["tensors"] for s in summaries]
+    world = len(summaries)
+    arrays = []
+    dtypes = {}
+    for fqn, ranks in _tensor_holders(tensors, path).items():
+        shape, dtype_name, _, _ = tensors[ranks[0]][fqn]
+        dtypes[fqn] = dtype_name
+        info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")), key=fqn, path=path)
+        arrays.append(
+            ArrayPieces(
+                fqn,
+                tuple(shape),
+                info.numpy_dtype.itemsize,
+                tuple(
+                    tuple(tuple(map(tuple, r)) for r in s[fqn][2]) if fqn in s else ()
+                    for s in tensors
+                ),
+                replicated=all(tensors[r][fqn][3] for r in ranks),
+            )
+        )
+    plans = plan_arrays(
+        arrays, world, chunk_bytes=options.chunk_bytes, inner_bytes=options.inner_chunk_bytes
+    )
+    entries: list[ArrayEntry] = []
+    writers: dict[str, Any] = {}
+    for arr, plan in zip(arrays, plans, strict=True):
+        dtype_name = dtypes[arr.fqn]
+        info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")))
+        entries.append(ArrayEntry(arr.fqn, array_path(arr.fqn, checkpoint=path), info, plan.layout))
+        writers[arr.fqn] = plan.writers
+    uint8 = info_for_torch(torch.uint8)
+    value_writers: dict[str, int] = {}
+    for kind, section in (("pickle", "pickled"), ("bytes", "blobs")):
+        for rank, summary in enumerate(summaries):
+            for fqn, size in summary[section].items():
+                if fqn in value_writers:
+                    continue  # the lowest rank holding a value writes it
+                value_writers[fqn] = rank
+                n = size if kind == "pickle" else size[0]
+                layout = choose_layout(
+                    (n,), 1, chunk_bytes=options.chunk_bytes, inner_bytes=options.inner_chunk_bytes
+                )
+                entries.append(
+                    ArrayEntry(fqn, array_path(fqn, kind, checkpoint=path), uint8, layout, kind)
+                )
+    check_unique_paths(entries, checkpoint=path)
+    return SavePlan(entries, writers, tree, value_writers)
+
+
+def save_collective(
+    local: LocalState, path: str, options: SaveOptions, comm: Comm, *, extra: dict[str, Any]
+) -> SaveReport:
+    """Phases 1-4 of a save, given this rank's staged state."""
+    summaries = comm.all_gather(local.summary())
+    plan = comm.agree(
+        lambda: _build_plan(summaries, path, options), f"planning the save of {path!r}"
+    )
+
+    def create_staging() -> str | None:
+        if not comm.is_coordinator:
+            return None
+        check_writable(path, overwrite=options.overwrite)
+        return new_staging_dir(path)
+
+    staging = comm.broadcast(
+        comm.agree(create_staging, f"preparing the checkpoint directory {path!r}")
+    )
+    assert isinstance(staging, str)
+    try:
+        written = comm.agree(
+            lambda: _write_share(staging, plan, local, comm, options),
+            f"writing the checkpoint {path!r}",
+        )
+
+        def finish() -> None:
+            if not comm.is_coordinator:
+                return
+            checkpoint_id = uuid.uuid4().hex
+            root = root_document(
+                tree=plan.tree,
+                entries=plan.entries,
+                checkpoint_id=checkpoint_id,
+                world_size=comm.world_size,
+                extra={**sharding_summary(local), **extra},
+            )
+            commit(
+                staging,
+                path,
+                root,
+                checkpoint_id,
+                overwrite=options.overwrite,
+                fsync=options.fsync,
+            )
+
+        comm.agree(finish, f"committing the checkpoint {path!r}")
+    except BaseException:
+        if comm.is_coordinator:
+            remove_tree(staging)
+        raise
+    tensors = [e for e in plan.entries if e.kind not in ("pickle", "bytes")]
+    return SaveReport(len(tensors), sum(e.nbytes for e in tensors), written)
+
+
+def _write_share(
+    staging: str, plan: SavePlan, local: LocalState, comm: Comm, options: SaveOptions
+) -> int:
+    """Write this rank's metadata files and chunks, then make them durable;
+    return the chunk bytes written."""
+    entries = plan.entries
+    wait_visible(staging, rank=comm.rank)  # rank 0 created it (NFS caches)
+    mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
+    chunks: list[ChunkWrite] = []
+    for entry in entries:
+        if entry.kind in ("pickle", "bytes"):
+            if plan.value_writers[entry.fqn] == comm.rank:
+                source = local.pickled if entry.kind == "pickle" else local.blobs
+                data = np.frombuffer(source[entry.fqn], np.uint8)
+                chunks.extend(
+                    ChunkWrite(entry, idx, data, (0,)) for idx in entry.layout.chunk_indices()
+                )
+            continue
+        for index, (rank, k) in plan.writers[entry.fqn].items():
+            if rank != comm.rank:
+                continue
+            view = local.views[entry.fqn]
+            if k >= len(view.blocks):
+                raise DistributedSaveError(
+                    f"internal error: rank {comm.rank} was asked to write piece {k} of "
+                    f"{entry.fqn!r} but holds {len(view.blocks)}"
+                )
+            origin = tuple(a for a, _ in view.blocks[k].region)
+            chunks.append(ChunkWrite(entry, index, local.sources[entry.fqn][k], origin))
+    written = write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
+    if options.fsync:
+        sync_tree(staging)
+    return written
