@@ -91,7 +91,7 @@ from ._planning import ArrayPieces, plan_arrays
 from ._reader import CheckpointFiles, ReadRequest
 from ._save import host_tensor
 from ._storage import (
-    COMMIT_MARKER,
+    COMMIT_GROUP,
     ROOT_METADATA,
     commit,
     is_checkpoint_dir,
@@ -309,7 +309,7 @@ class ZarrStorageWriter(StorageWriter):
         self._mode = choose_target(self.path, overwrite=self.overwrite)
         self._discard_staging()
         if self._mode == "in place":
-            names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_MARKER}
+            names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_GROUP}
             check_collisions(self.path, names)
             self._staging = new_inner_staging_dir(self.path)
         else:
