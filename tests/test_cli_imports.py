@@ -126,8 +126,8 @@ def test_import_zarrckpt_is_light_and_names_resolve_lazily() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         zarrckpt.nope  # noqa: B018
     assert zarrckpt.__all__ == [
-        "__version__", "async_save", "Checkpoint", "convert", "errors", "load", "open",
-        "register_zarr_dtypes", "save", "ZarrStorageReader", "ZarrStorageWriter",
+        "__version__", "async_save", "Checkpoint", "convert", "errors", "load", "LoadResult",
+        "open", "register_zarr_dtypes", "save", "ZarrStorageReader", "ZarrStorageWriter",
     ]
 
 

@@ -111,7 +111,7 @@ from ..storage._inplace import (
 )
 from ..storage._paths import check_path, wait_visible
 from ..storage._storage import (
-    COMMIT_MARKER,
+    COMMIT_GROUP,
     ROOT_METADATA,
     commit,
     is_checkpoint_dir,
@@ -320,7 +320,7 @@ class ZarrStorageWriter(StorageWriter):
         self._mode = choose_target(self.path, overwrite=self.overwrite)
         self._discard_staging()
         if self._mode == "in place":
-            names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_MARKER}
+            names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_GROUP}
             check_collisions(self.path, names)
             self._staging = new_inner_staging_dir(self.path)
         else:

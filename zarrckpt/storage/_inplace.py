@@ -39,8 +39,10 @@ from typing import Any
 from ..errors import CheckpointExistsError, CorruptCheckpointError
 from ._paths import DCP_METADATA, STAGING_INFIX, few, make_parents
 from ._storage import (
+    COMMIT_GROUP,
     COMMIT_MARKER,
     FORMAT_NAME,
+    LEGACY_COMMIT_MARKER,
     ROOT_METADATA,
     _fsync_path,
     remove_tree,
@@ -50,6 +52,7 @@ from ._storage import (
 
 __all__ = [
     "DCP_EXISTS",
+    "has_commit_marker",
     "owned_entries",
     "foreign_entries",
     "choose_target",
@@ -73,17 +76,22 @@ def owned_entries(path: str) -> set[str]:
         A commit marker is there but no readable zarrckpt root metadata, so
         the checkpoint's entries cannot be told from other files.
     """
-    owned = {n for n in (ROOT_METADATA, COMMIT_MARKER) if os.path.lexists(os.path.join(path, n))}
+    owned = {
+        n
+        for n in (ROOT_METADATA, COMMIT_GROUP, LEGACY_COMMIT_MARKER)
+        if os.path.lexists(os.path.join(path, n))
+    }
+    committed = has_commit_marker(path)
     try:
         with open(os.path.join(path, ROOT_METADATA), "rb") as f:
             manifest = json.loads(f.read())["attributes"][FORMAT_NAME]
-        for section in ("arrays", "pickled"):
+        for section in ("arrays", "pickled", "bytes"):
             for raw in manifest.get(section, {}).values():
                 name = str(raw["path"]).split("/")[0]
                 if name and not name.startswith("."):  # never "..", "" (absolute) or hidden
                     owned.add(name)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        if COMMIT_MARKER in owned:
+        if committed:
             raise CorruptCheckpointError(
                 f"checkpoint {path!r} has a commit marker but no readable zarrckpt root "
                 f"metadata {ROOT_METADATA!r}, so its entries cannot be told apart from "
@@ -91,6 +99,13 @@ def owned_entries(path: str) -> set[str]:
             ) from None
         owned.discard(ROOT_METADATA)  # someone else's zarr.json
     return owned
+
+
+def has_commit_marker(path: str) -> bool:
+    """True when ``path`` holds a commit marker (of format version 2, or 1)."""
+    return any(
+        os.path.lexists(os.path.join(path, name)) for name in (COMMIT_MARKER, LEGACY_COMMIT_MARKER)
+    )
 
 
 def foreign_entries(path: str) -> list[str]:
@@ -143,7 +158,7 @@ def choose_target(path: str, *, overwrite: bool) -> str:
             "ZarrStorageWriter does not delete and dcp.load would go on reading; remove "
             "those files or choose another directory"
         )
-    if os.path.lexists(os.path.join(path, COMMIT_MARKER)) and not overwrite:
+    if has_commit_marker(path) and not overwrite:
         raise CheckpointExistsError(
             f"{DCP_EXISTS} zarrckpt: {path!r} already holds a committed zarrckpt checkpoint; "
             "pass ZarrStorageWriter(path, overwrite=True) to replace it"
@@ -193,11 +208,14 @@ def commit_in_place(
     new = sorted(os.listdir(staging))
     check_collisions(path, new)
     old = owned_entries(path)
-    if COMMIT_MARKER in old:
-        os.remove(os.path.join(path, COMMIT_MARKER))
+    markers = {COMMIT_GROUP, LEGACY_COMMIT_MARKER} & old
+    if markers:
+        for name in (COMMIT_MARKER, LEGACY_COMMIT_MARKER):  # the marker files first
+            if os.path.lexists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
         if fsync:
             _fsync_path(path)
-    for name in sorted(old - {ROOT_METADATA, COMMIT_MARKER}):
+    for name in sorted(old - {ROOT_METADATA}):
         remove_tree(os.path.join(path, name))
     if ROOT_METADATA in old:
         os.remove(os.path.join(path, ROOT_METADATA))

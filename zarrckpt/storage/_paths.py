@@ -25,7 +25,7 @@ from ..errors import (
     ZarrCkptError,
 )
 from ._storage import _STAGING_INFIX as STAGING_INFIX
-from ._storage import COMMIT_MARKER, FORMAT_NAME, ROOT_METADATA
+from ._storage import COMMIT_MARKER, FORMAT_NAME, LEGACY_COMMIT_MARKER, ROOT_METADATA
 
 __all__ = [
     "check_path",
@@ -196,7 +196,14 @@ def describe_contents(path: str) -> tuple[str, str]:
         " (the system temporary directory)" if _same(path, tempfile.gettempdir()) else ""
     )
     subdirs = [n.rstrip("/") for n in names if n.endswith("/")]
-    ours = [n for n in subdirs if os.path.isfile(os.path.join(path, n, COMMIT_MARKER))]
+    ours = [
+        n
+        for n in subdirs
+        if any(
+            os.path.isfile(os.path.join(path, n, marker))
+            for marker in (COMMIT_MARKER, LEGACY_COMMIT_MARKER)
+        )
+    ]
     if ours:
         return "checkpoints", (
             f"is not a checkpoint itself but a directory{special} holding "
