@@ -49,7 +49,7 @@ def test_layers_contract_is_kept() -> None:
          "zarrckpt.storage is not allowed to import zarrckpt.parallel"),
         ("api.py", "from .interop import _file_source",
          "zarrckpt.api is not allowed to import zarrckpt.interop"),
-        ("interop/_convert.py", "from ..cli import convert",
+        ("interop/convert/_any.py", "from ...cli import convert",
          "zarrckpt.interop is not allowed to import zarrckpt.cli"),
         # interop and inspect are independent siblings
         ("inspect/_scan.py", "from ..interop import _pages",
@@ -83,3 +83,18 @@ def test_a_new_top_level_module_must_be_placed_in_a_layer(tmp_path: Path) -> Non
     r = _lint(tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "zarrckpt._unplaced" in r.stdout, r.stdout
+
+
+#: the most lines a module of the package may have ("small modules with one job")
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_over_500_lines() -> None:
+    package = ROOT / "zarrckpt"
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+        for p in sorted(package.rglob("*.py"))
+    }
+    assert len(sizes) > 40, sorted(sizes)  # the walk found the package
+    too_long = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them): {too_long}"

@@ -24,6 +24,7 @@ from _inspect_fixtures import PRODUCERS, Produced, get_produced
 
 import zarrckpt
 from zarrckpt import cli
+from zarrckpt.cli import _browse
 from zarrckpt.storage._storage import COMMIT_MARKER
 
 SCRIPT = shutil.which("zarrckpt", path=os.path.dirname(sys.executable)) or "zarrckpt"
@@ -139,7 +140,7 @@ def test_tree_shows_none_as_a_value(tmp_path: Path) -> None:
     buf = io.StringIO()
     out = cli.Output(stdout=buf)
     out.rich = True  # the rich tree drawn on a terminal
-    assert cli._tree(argparse.Namespace(path=path), out) == 0
+    assert _browse._tree(argparse.Namespace(path=path), out) == 0
     lines = [line.lstrip("│├└─ ") for line in buf.getvalue().splitlines()]
     assert lines == [
         path, "a  = null", "b", "c  = null", "d  float32[2]", "e", "0  = null", "f  = {}", "g  = 0",

@@ -1,6 +1,6 @@
 """Streaming converters between zarrckpt and ``torch.save`` files, DCP directories
 and safetensors files (public module; the implementation is in
-:mod:`zarrckpt.interop`). See ``docs/convert.md``."""
+:mod:`zarrckpt.interop.convert`). See ``docs/convert.md``."""
 
-from .interop._convert import *  # noqa: F403
-from .interop._convert import __all__  # noqa: F401
+from .interop.convert import *  # noqa: F403
+from .interop.convert import __all__  # noqa: F401

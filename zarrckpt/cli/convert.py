@@ -17,7 +17,7 @@ from ..format._layout import DEFAULT_CHUNK_BYTES
 from ..interop._formats import FORMATS
 
 if TYPE_CHECKING:
-    from ..interop._convert_sink import ProgressFn
+    from ..interop.convert import ProgressFn
 
 __all__ = ["FORMATS", "register_command", "progress_bar"]
 
@@ -47,7 +47,7 @@ def register_command() -> None:
         Arg("--threads", type=int, default=None, metavar="N", help="I/O threads"),
     )
     def _convert_command(args: argparse.Namespace, out: Any) -> int:
-        from ..interop._convert import convert, detect_format
+        from ..interop.convert import convert, detect_format
         from . import UsageError, fmt_bytes
 
         if args.threads is not None and args.threads < 1:

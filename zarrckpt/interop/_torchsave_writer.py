@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointExistsError, UnsupportedValueError
-from ..storage._storage import _fsync_path, check_writable, new_staging_dir, remove_tree
+from ..errors import UnsupportedValueError
+from ._staged import StagedOutput, check_output_file
 
 __all__ = [
     "EmptyBytes",
@@ -180,6 +180,9 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
         done += n
 
 
+_ARCHIVE = "archive"
+
+
 class TorchSaveWriter:
     """A ``torch.save`` file under construction.
 
@@ -196,15 +199,11 @@ class TorchSaveWriter:
     def __init__(self, path: str, *, overwrite: bool, fsync: bool) -> None:
         self.path = path
         self.fsync = fsync
-        if os.path.isdir(path):
-            raise CheckpointExistsError(
-                f"cannot write torch.save file {path!r}: it is a directory"
-            )
-        check_writable(path, overwrite=overwrite)
-        self._tmpdir = new_staging_dir(path)
+        check_output_file(path, overwrite, "torch.save file")
+        self._staged = StagedOutput(path)
         # an ASCII name inside the staging directory: PyTorchFileWriter needs one, and
         # the archive's record prefix is the file's stem ("archive", as for a buffer)
-        self.tmp_path = os.path.join(self._tmpdir, "archive")
+        self.tmp_path = self._staged.path(_ARCHIVE)
         self._records: dict[str, StorageStub] = {}
         self._fd: int | None = None
 
@@ -215,7 +214,7 @@ class TorchSaveWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        remove_tree(self._tmpdir)
+        self._staged.abort()
 
     def layout(self, obj: Any) -> list[StorageStub]:
         """Lay out the archive of ``obj`` with empty stub records; return the stubs in order."""
@@ -303,13 +302,11 @@ class TorchSaveWriter:
 
     def publish(self) -> None:
         """Make the file durable (if asked) and rename it to its destination."""
+        synced = False
         if self._fd is not None:
             if self.fsync:
                 os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-        elif self.fsync:
-            _fsync_path(self.tmp_path)
-        os.replace(self.tmp_path, self.path)
-        if self.fsync:
-            _fsync_path(os.path.dirname(os.path.abspath(self.path)))
+            synced = True
+        self._staged.publish_file(_ARCHIVE, fsync=self.fsync, synced=synced)

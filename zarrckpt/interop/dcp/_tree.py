@@ -21,12 +21,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CorruptCheckpointError, InvalidKeyError
+from ...errors import CorruptCheckpointError, InvalidKeyError
+from ...format._layout import Region
 
-__all__ = ["DcpLeaf", "dcp_leaves", "tree_from_leaves", "unwrap"]
+__all__ = [
+    "STORAGE_TAG",
+    "DcpLeaf",
+    "dcp_leaves",
+    "nonempty",
+    "region",
+    "tree_from_leaves",
+    "unwrap",
+]
 
 JsonNode = dict[str, Any]
 ObjPath = tuple[str | int, ...]
+
+#: the tag of zarrckpt's entries in DCP's ``storage_data`` (plans and metadata)
+STORAGE_TAG = "zarrckpt"
+
+
+def region(offsets: Any, sizes: Any) -> Region:
+    """The region of a DCP chunk (its ``offsets`` and ``sizes``)."""
+    return tuple((int(o), int(o) + int(s)) for o, s in zip(offsets, sizes, strict=True))
+
+
+def nonempty(r: Region) -> bool:
+    """True for a region holding at least one element."""
+    return all(b > a for a, b in r)
 
 
 @dataclass(frozen=True)

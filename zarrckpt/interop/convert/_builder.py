@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InvalidKeyError
-from ..format import _chunkio
-from ..format._chunkio import encode_chunk
-from ..format._dtypes import info_for_torch
-from ..format._flatten import pickle_value
-from ..format._layout import ArrayLayout, choose_layout
-from ..format._metadata import ArrayEntry, array_path, root_document
-from ..parallel._writer import _WRITEBACK_MIN_BYTES, write_metadata
-from ..storage._storage import (
+from ...errors import InvalidKeyError
+from ...format import _chunkio
+from ...format._chunkio import encode_chunk
+from ...format._dtypes import info_for_torch
+from ...format._flatten import pickle_value
+from ...format._layout import ArrayLayout, choose_layout
+from ...format._metadata import ArrayEntry, array_path, root_document
+from ...parallel._writer import _WRITEBACK_MIN_BYTES, write_metadata
+from ...storage._storage import (
     check_writable,
     commit,
     new_staging_dir,
