@@ -8,7 +8,7 @@ checkpoint is still committed as a whole: the commit marker is written last,
 so a reader never loads a half-written checkpoint.
 
 A checkpoint directory of its own is published with one atomic rename (see
-:mod:`zarrckpt.storage._storage`). A directory holding other files cannot be renamed
+:mod:`zarrckpt.storage._local`). A directory holding other files cannot be renamed
 without moving them too, so the checkpoint is committed in place, by the
 coordinator, once every rank has written into a staging directory inside it:
 
@@ -37,18 +37,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError
-from ._paths import DCP_METADATA, STAGING_INFIX, few, make_parents
-from ._storage import (
+from ..format._marker import (
     COMMIT_GROUP,
     COMMIT_MARKER,
     FORMAT_NAME,
     LEGACY_COMMIT_MARKER,
     ROOT_METADATA,
-    _fsync_path,
-    remove_tree,
-    write_commit_marker,
-    write_json,
 )
+from . import _posix
+from ._local import write_commit_marker
+from ._paths import DCP_METADATA, STAGING_INFIX, few, make_parents
 
 __all__ = [
     "DCP_EXISTS",
@@ -204,7 +202,7 @@ def commit_in_place(
 ) -> None:
     """Write the root metadata into ``staging``, then commit its content into
     ``path`` (steps 1-5 of the module documentation) and remove ``staging``."""
-    root_bytes = write_json(os.path.join(staging, ROOT_METADATA), root, fsync=fsync)
+    root_bytes = _posix.write_json(os.path.join(staging, ROOT_METADATA), root, fsync=fsync)
     new = sorted(os.listdir(staging))
     check_collisions(path, new)
     old = owned_entries(path)
@@ -214,14 +212,14 @@ def commit_in_place(
             if os.path.lexists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
         if fsync:
-            _fsync_path(path)
+            _posix.fsync_path(path)
     for name in sorted(old - {ROOT_METADATA}):
-        remove_tree(os.path.join(path, name))
+        _posix.remove_tree(os.path.join(path, name))
     if ROOT_METADATA in old:
         os.remove(os.path.join(path, ROOT_METADATA))
     for name in [ROOT_METADATA] + [n for n in new if n != ROOT_METADATA]:
         os.rename(os.path.join(staging, name), os.path.join(path, name))
     if fsync:
-        _fsync_path(path)
+        _posix.fsync_path(path)
     write_commit_marker(path, root_bytes, checkpoint_id, fsync=fsync)
     os.rmdir(staging)
