@@ -44,9 +44,10 @@ from ..format._marker import (
     LEGACY_COMMIT_MARKER,
     ROOT_METADATA,
 )
-from . import _posix
 from ._local import write_commit_marker
 from ._paths import DCP_METADATA, STAGING_INFIX, few, make_parents
+from ._posix import fsync_path as _fsync_path
+from ._posix import remove_tree, write_json
 
 __all__ = [
     "DCP_EXISTS",
@@ -202,7 +203,7 @@ def commit_in_place(
 ) -> None:
     """Write the root metadata into ``staging``, then commit its content into
     ``path`` (steps 1-5 of the module documentation) and remove ``staging``."""
-    root_bytes = _posix.write_json(os.path.join(staging, ROOT_METADATA), root, fsync=fsync)
+    root_bytes = write_json(os.path.join(staging, ROOT_METADATA), root, fsync=fsync)
     new = sorted(os.listdir(staging))
     check_collisions(path, new)
     old = owned_entries(path)
@@ -212,14 +213,14 @@ def commit_in_place(
             if os.path.lexists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
         if fsync:
-            _posix.fsync_path(path)
+            _fsync_path(path)
     for name in sorted(old - {ROOT_METADATA}):
-        _posix.remove_tree(os.path.join(path, name))
+        remove_tree(os.path.join(path, name))
     if ROOT_METADATA in old:
         os.remove(os.path.join(path, ROOT_METADATA))
     for name in [ROOT_METADATA] + [n for n in new if n != ROOT_METADATA]:
         os.rename(os.path.join(staging, name), os.path.join(path, name))
     if fsync:
-        _posix.fsync_path(path)
+        _fsync_path(path)
     write_commit_marker(path, root_bytes, checkpoint_id, fsync=fsync)
     os.rmdir(staging)
