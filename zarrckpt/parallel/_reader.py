@@ -81,12 +81,11 @@ class CheckpointFiles:
         if entry.fqn in self._checked:
             return
         key = f"{entry.path}/zarr.json"
-        doc_path = self.store.location(key)
         try:
             data = self.store.read_small(key)
         except FileNotFoundError:
             raise CorruptCheckpointError(
-                f"{self.what(entry)}: array metadata {doc_path!r} is missing"
+                f"{self.what(entry)}: array metadata {self.store.location(key)!r} is missing"
             ) from None
         # the exact bytes zarrckpt writes for this entry pass without parsing
         if data != array_json(entry):
@@ -94,7 +93,8 @@ class CheckpointFiles:
                 document = json.loads(data)
             except ValueError as e:
                 raise CorruptCheckpointError(
-                    f"{self.what(entry)}: array metadata {doc_path!r} is not valid JSON ({e})"
+                    f"{self.what(entry)}: array metadata {self.store.location(key)!r} is not "
+                    f"valid JSON ({e})"
                 ) from None
             check_array_document(entry, document, checkpoint=self.path)
         self._checked.add(entry.fqn)

@@ -49,7 +49,13 @@ __all__ = ["LocalStore", "LocalStaging", "LocalRangeReader", "open_store", "writ
 
 
 def _join(root: str, key: str) -> str:
-    return os.path.join(root, *key.split("/")) if key else root
+    """The path of ``key`` below ``root`` (``os.path.join`` of its parts, without the
+    split in the common case)."""
+    if not key:
+        return root
+    if root and not root.endswith("/"):
+        return f"{root}/{key}"
+    return os.path.join(root, *key.split("/"))
 
 
 class LocalRangeReader(RangeReader):
@@ -62,12 +68,14 @@ class LocalRangeReader(RangeReader):
     @property
     def size(self) -> int:
         if self._size is None:
-            assert self._fd is not None, "reader is closed"
+            if self._fd is None:
+                raise ValueError("size of a closed reader")
             self._size = os.fstat(self._fd).st_size
         return self._size
 
     def readv_into(self, buffers: list[memoryview], offset: int) -> int:
-        assert self._fd is not None, "reader is closed"
+        if self._fd is None:
+            raise ValueError("read from a closed reader")
         return _posix.preadv(self._fd, buffers, offset)
 
     def close(self) -> None:
