@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import zarrckpt
 from zarrckpt.errors import DistributedSaveError, ZarrCkptError
-from zarrckpt.format import _chunkio
+from zarrckpt.storage import _posix as _chunkio
 
 STAGING_INFIX = ".zarrckpt-tmp-"
 

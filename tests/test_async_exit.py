@@ -130,7 +130,7 @@ def test_pending_async_save_is_committed_at_exit_on_two_ranks(tmp_path: Path, de
 
 FAILING_SCRIPT = """
 import atexit, sys, zarrckpt
-from zarrckpt.format import _chunkio
+from zarrckpt.storage import _posix as _chunkio
 
 atexit.register(print, "an atexit handler registered earlier ran")
 
@@ -192,7 +192,7 @@ def test_forked_child_does_not_wait_for_the_parents_saves(tmp_path: Path) -> Non
         tmp_path,
         """
         import os, sys, threading, zarrckpt
-        from zarrckpt.format import _chunkio
+        from zarrckpt.storage import _posix as _chunkio
 
         gate = threading.Event()
         original = _chunkio.write_file

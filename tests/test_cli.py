@@ -25,7 +25,7 @@ from _inspect_fixtures import PRODUCERS, Produced, get_produced
 import zarrckpt
 from zarrckpt import cli
 from zarrckpt.cli import _browse
-from zarrckpt.storage._storage import COMMIT_MARKER
+from zarrckpt.format._marker import COMMIT_MARKER
 
 SCRIPT = shutil.which("zarrckpt", path=os.path.dirname(sys.executable)) or "zarrckpt"
 MODULE = [sys.executable, "-m", "zarrckpt"]

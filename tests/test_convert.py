@@ -44,7 +44,7 @@ from zarrckpt.errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from zarrckpt.format import _chunkio
+from zarrckpt.storage import _posix as _chunkio
 
 # ---------------------------------------------------------------- helpers
 

@@ -27,7 +27,7 @@ from zarrckpt.errors import (
     IncompleteCheckpointError,
     ZarrCkptError,
 )
-from zarrckpt.storage._storage import COMMIT_MARKER
+from zarrckpt.format._marker import COMMIT_MARKER
 
 # chunk_bytes / inner_chunk_bytes chosen so that
 #  * "plain" (5 rows of 60 kB) is cut into 5 one-row chunks of 60 kB <= 60 kB: plain files

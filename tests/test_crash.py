@@ -4,9 +4,9 @@ checkpoint (never a half one that loads, never an error other than "nothing here
 
 * crash tests: a subprocess saves ~200 MB (with fsync) and is SIGKILLed at
   several delays after it announced the start of the save, and at three exact
-  points of the commit (paused by patching zarrckpt.storage._storage in the child);
+  points of the commit (paused by patching zarrckpt.storage._posix in the child);
 * failed saves (unsupported leaf, exception injected into
-  ``zarrckpt.format._chunkio.write_file`` after N calls, failing commit marker):
+  ``zarrckpt.storage._posix.write_file`` after N calls, failing commit marker):
   previous checkpoint intact, no staging directory left;
 * overwrite=False / overwrite=True semantics.
 """
@@ -26,15 +26,14 @@ import torch
 from conftest import PYTHON, assert_bits_equal, save_fast
 
 import zarrckpt
-import zarrckpt.format._chunkio
-import zarrckpt.storage._storage
+import zarrckpt.storage._posix
 from zarrckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from zarrckpt.storage._storage import COMMIT_MARKER
+from zarrckpt.format._marker import COMMIT_MARKER
 
 STAGING_INFIX = ".zarrckpt-tmp-"
 
@@ -68,7 +67,7 @@ ZYGOTE_SOURCE = (
 import os, signal, sys, time, traceback
 import torch
 import zarrckpt
-import zarrckpt.storage._storage as storage
+import zarrckpt.storage._posix as storage
 
 
 def run(path, gen, mb, pause, log):
@@ -290,7 +289,7 @@ def test_not_visible_until_committed(tmp_path: Any, monkeypatch: Any) -> None:
     old_id = zarrckpt.open(path).metadata["checkpoint_id"]
     fresh = str(tmp_path / "fresh")
     phase = {"target": fresh, "calls": 0}
-    original = zarrckpt.format._chunkio.write_file
+    original = zarrckpt.storage._posix.write_file
 
     def spying_write_file(*args: Any, **kwargs: Any) -> int:
         if phase["target"] == fresh:
@@ -305,7 +304,7 @@ def test_not_visible_until_committed(tmp_path: Any, monkeypatch: Any) -> None:
         phase["calls"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(zarrckpt.format._chunkio, "write_file", spying_write_file)
+    monkeypatch.setattr(zarrckpt.storage._posix, "write_file", spying_write_file)
     new = {"x": torch.ones(4), "v": 1, "y": torch.randn(100, 100)}
     zarrckpt.save(new, fresh, chunk_bytes=4000, fsync=False, threads=1)
     assert phase["calls"] > 10
@@ -442,7 +441,7 @@ def test_exception_mid_write_leaves_previous_intact(
     save_fast(_old_state(), path)
     before = _snapshot(path)
     calls = []
-    original = zarrckpt.format._chunkio.write_file
+    original = zarrckpt.storage._posix.write_file
 
     def failing_write_file(*args: Any, **kwargs: Any) -> int:
         calls.append(1)
@@ -450,14 +449,14 @@ def test_exception_mid_write_leaves_previous_intact(
             raise _Boom(f"injected failure after {after_calls} chunk writes")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(zarrckpt.format._chunkio, "write_file", failing_write_file)
+    monkeypatch.setattr(zarrckpt.storage._posix, "write_file", failing_write_file)
     with pytest.raises(_Boom):
         zarrckpt.save(_new_state(), path, overwrite=True, chunk_bytes=2000, threads=threads)
     assert len(calls) > after_calls, "the injected write_file was not used by save"
     _assert_old_intact(tmp_path, path, before)
     monkeypatch.undo()
     # a fresh path: nothing is left at all
-    monkeypatch.setattr(zarrckpt.format._chunkio, "write_file", failing_write_file)
+    monkeypatch.setattr(zarrckpt.storage._posix, "write_file", failing_write_file)
     calls.clear()
     fresh = tmp_path / "fresh"
     with pytest.raises(_Boom):
@@ -470,7 +469,7 @@ def test_keyboard_interrupt_mid_write(tmp_path: Any, monkeypatch: Any) -> None:
     save_fast(_old_state(), path)
     before = _snapshot(path)
     calls = []
-    original = zarrckpt.format._chunkio.write_file
+    original = zarrckpt.storage._posix.write_file
 
     def interrupted(*args: Any, **kwargs: Any) -> int:
         calls.append(1)
@@ -478,7 +477,7 @@ def test_keyboard_interrupt_mid_write(tmp_path: Any, monkeypatch: Any) -> None:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(zarrckpt.format._chunkio, "write_file", interrupted)
+    monkeypatch.setattr(zarrckpt.storage._posix, "write_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         zarrckpt.save(_new_state(), path, overwrite=True, chunk_bytes=2000, threads=1)
     _assert_old_intact(tmp_path, path, before)
@@ -491,14 +490,14 @@ def test_failing_commit_marker_leaves_previous_intact(
     path = tmp_path / "ckpt"
     save_fast(_old_state(), path)
     before = _snapshot(path)
-    original = zarrckpt.storage._storage.write_json
+    original = zarrckpt.storage._posix.write_json
 
     def failing_write_json(p: str, *args: Any, **kwargs: Any) -> bytes:
         if p.endswith(COMMIT_MARKER):
             raise OSError(28, "No space left on device (injected)")
         return original(p, *args, **kwargs)
 
-    monkeypatch.setattr(zarrckpt.storage._storage, "write_json", failing_write_json)
+    monkeypatch.setattr(zarrckpt.storage._posix, "write_json", failing_write_json)
     with pytest.raises(OSError, match="injected"):
         zarrckpt.save(_new_state(), path, overwrite=True, fsync=fsync)
     _assert_old_intact(tmp_path, path, before)

@@ -41,8 +41,8 @@ from zarrckpt.errors import (
     UnsafeCheckpointError,
 )
 from zarrckpt.format._dtypes import BY_ZARR
+from zarrckpt.format._marker import COMMIT_MARKER
 from zarrckpt.interop.dcp._tree import dcp_leaves, tree_from_leaves
-from zarrckpt.storage._storage import COMMIT_MARKER
 from zarrckpt.testing import run_distributed
 
 pytestmark = pytest.mark.filterwarnings(

@@ -46,7 +46,7 @@ def test_rank_fails_mid_save(
     no staging directory is left, the previous checkpoint still loads
     bit-exact; the same failure on a new path leaves nothing there; the group
     can save again afterwards (checked rank-side). The failure is injected by
-    replacing ``zarrckpt.format._chunkio.write_file`` (which ``_writer`` calls) on that rank.
+    replacing ``zarrckpt.storage._posix.write_file`` (which ``_writer`` calls) on that rank.
     """
     failing %= world_size
     results = _results(spawned, world_size, name)

@@ -27,7 +27,7 @@ from zarrckpt.errors import (
     UnsupportedValueError,
     ZarrCkptError,
 )
-from zarrckpt.storage._storage import COMMIT_MARKER
+from zarrckpt.format._marker import COMMIT_MARKER
 
 HIERARCHY: dict[type[Exception], tuple[type[BaseException], ...]] = {
     CheckpointNotFoundError: (FileNotFoundError, OSError),

@@ -25,8 +25,8 @@ from _inspect_fixtures import PRODUCERS, SMALL_CHUNKS, Produced, get_produced
 
 import zarrckpt
 from zarrckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
+from zarrckpt.format._marker import COMMIT_MARKER
 from zarrckpt.inspect import PickledInfo, TensorInfo, _scan, verify
-from zarrckpt.storage._storage import COMMIT_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zarrckpt.storage._storage import dumps_json
+from zarrckpt.format._json import dumps_json
 
 _scalars = (
     st.none()

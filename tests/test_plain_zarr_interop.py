@@ -26,11 +26,11 @@ from conftest import DTYPES, assert_bits_equal, dtype_name, random_tensor
 
 import zarrckpt
 from zarrckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from zarrckpt.format._chunkio import crc32c
+from zarrckpt.format._codec import crc32c
+from zarrckpt.format._json import dumps_json
 from zarrckpt.format._metadata import array_document
 from zarrckpt.inspect import verify
 from zarrckpt.parallel._writer import array_json
-from zarrckpt.storage._storage import dumps_json
 
 LONG = "layer." + "x" * 250  # encoded name > 200 characters: split into nested groups
 HASHED = "y" * 450  # > 400 characters: hashed path

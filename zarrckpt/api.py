@@ -23,6 +23,7 @@ from .parallel._reader import CheckpointFiles
 from .parallel._save import SaveOptions, prepare_local, save_collective
 from .parallel._staging import HostStager
 from .parallel._writer import default_threads
+from .storage._local import open_store
 from .storage._paths import check_path
 
 __all__ = ["save", "load", "async_save"]
@@ -282,10 +283,11 @@ def load(
 
     def plan() -> tuple[CheckpointFiles, LoadPlan]:
         # a single file (torch.save / safetensors) is read through a memory map
+        store = open_store(path)
         files = (
-            _file_source_opener()(path, allow_pickle=allow_pickle)
-            if os.path.isfile(path)
-            else CheckpointFiles(path)
+            _file_source_opener()(store.location(), allow_pickle=allow_pickle)
+            if store.kind() == "file"
+            else CheckpointFiles(store)
         )
         if files.pickled and not allow_pickle:
             raise UnsafeCheckpointError(

@@ -20,6 +20,8 @@ import numpy as np
 
 from ..format._flatten import bytes_array_fqn, bytes_length, child_nodes
 from ..format._metadata import ArrayEntry
+from ..storage._base import Store
+from ..storage._local import open_store
 from ._scan import Progress, Slab, pack, plan_slabs, read_region, run_tasks
 
 __all__ = ["TensorDiff", "DiffReport", "tree_leaves", "compute_diff"]
@@ -181,7 +183,7 @@ def tree_leaves(tree: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     return out
 
 
-def _bytes_of(root: str, node: dict[str, Any], arrays: dict[str, ArrayEntry]) -> Any:
+def _bytes_of(root: Store, node: dict[str, Any], arrays: dict[str, ArrayEntry]) -> Any:
     """(type, content) of a bytes node, its array read from ``root`` when it is one."""
     body = node["bytes"]
     fqn = bytes_array_fqn(node)
@@ -268,7 +270,7 @@ def _compare(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> _Part:
 
 
 def _diff_task(
-    items: list[tuple[Slab, ArrayEntry]], root_a: str, root_b: str, rtol: float, atol: float
+    items: list[tuple[Slab, ArrayEntry]], root_a: Store, root_b: Store, rtol: float, atol: float
 ) -> dict[str, _Part]:
     out: dict[str, _Part] = {}
     for slab, entry_b in items:
@@ -281,11 +283,11 @@ def _diff_task(
 
 
 def compute_diff(
-    root_a: str,
+    root_a: str | Store,
     manifest_a: dict[str, Any],
     arrays_a: dict[str, ArrayEntry],
     pickled_a: dict[str, ArrayEntry],
-    root_b: str,
+    root_b: str | Store,
     manifest_b: dict[str, Any],
     arrays_b: dict[str, ArrayEntry],
     pickled_b: dict[str, ArrayEntry],
@@ -295,7 +297,8 @@ def compute_diff(
     progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two opened checkpoints (see module doc)."""
-    report = DiffReport(root_a, root_b, rtol, atol)
+    store_a, store_b = open_store(root_a), open_store(root_b)
+    report = DiffReport(store_a.path, store_b.path, rtol, atol)
     leaves_a = tree_leaves(manifest_a["tree"])
     leaves_b = tree_leaves(manifest_b["tree"])
     report.removed = [k for k in leaves_a if k not in leaves_b]
@@ -321,7 +324,7 @@ def compute_diff(
         elif kind_a == "pickle":
             pickles.append((key, pickled_a[payload_a], pickled_b[payload_b]))
         elif kind_a == "bytes":
-            if _bytes_of(root_a, payload_a, pickled_a) != _bytes_of(root_b, payload_b, pickled_b):
+            if _bytes_of(store_a, payload_a, pickled_a) != _bytes_of(store_b, payload_b, pickled_b):
                 report.values_changed[key] = (
                     _shown(kind_a, payload_a, pickled_a),
                     _shown(kind_b, payload_b, pickled_b) + " (different content)",
@@ -338,7 +341,7 @@ def compute_diff(
     for key, ea, eb in pickles:
         full = tuple((0, s) for s in ea.shape)
         if ea.shape != eb.shape or not np.array_equal(
-            read_region(root_a, ea, full), read_region(root_b, eb, full)
+            read_region(store_a, ea, full), read_region(store_b, eb, full)
         ):
             report.values_changed[key] = ("<pickled object>", "<pickled object (different bytes)>")
 
@@ -348,7 +351,7 @@ def compute_diff(
     parts = run_tasks(
         _diff_task,
         groups,
-        (root_a, root_b, rtol, atol),
+        (store_a, store_b, rtol, atol),
         weights=[sum(2 * it[0].nbytes for it in g) for g in groups],
         progress=progress,
         name="zarrckpt-diff",

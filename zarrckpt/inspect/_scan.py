@@ -10,14 +10,13 @@ and the partials are combined on the client.
 
 The tasks run on the active dask scheduler: a ``dask.distributed`` client
 when one is the default, dask's threaded scheduler otherwise. Task
-arguments are plain picklable values (checkpoint path, manifest entries,
-regions), so they also run in worker processes.
+arguments are plain picklable values (the checkpoint's store, manifest
+entries, regions), so they also run in worker processes.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from ..format._chunkio import ChunkReader
+from ..format._chunk_reader import ChunkReader
 from ..format._layout import ArrayLayout, Region
 from ..format._metadata import ArrayEntry
+from ..storage._base import Store
+from ..storage._local import open_store
 
 __all__ = [
     "SLAB_BYTES",
@@ -131,19 +132,17 @@ def pack(
     return groups
 
 
-def array_dir(root: str, entry: ArrayEntry) -> str:
-    return os.path.join(root, entry.path)
+def what(root: str | Store, entry: ArrayEntry) -> str:
+    path = root.path if isinstance(root, Store) else root
+    return f"checkpoint {path!r}, key {entry.fqn!r}"
 
 
-def what(root: str, entry: ArrayEntry) -> str:
-    return f"checkpoint {root!r}, key {entry.fqn!r}"
-
-
-def read_region(root: str, entry: ArrayEntry, region: Region) -> np.ndarray:
+def read_region(root: str | Store, entry: ArrayEntry, region: Region) -> np.ndarray:
     """Read one region of an array (checksums verified) into a new array."""
     dest = np.empty(tuple(b - a for a, b in region), dtype=entry.dtype.numpy_dtype)
     if dest.size:
-        reader = ChunkReader(array_dir(root, entry), entry.layout, what(root, entry))
+        store = open_store(root)
+        reader = ChunkReader(store, entry.path, entry.layout, what(store, entry))
         reader.read_into(dest, tuple(a for a, _ in region))
     return dest
 

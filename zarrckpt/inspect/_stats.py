@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..format._metadata import ArrayEntry
+from ..storage._base import Store
+from ..storage._local import open_store
 from ._scan import Progress, Slab, pack, plan_slabs, read_region, run_tasks
 
 __all__ = ["TensorStats", "Moments", "moments_of", "compute_stats", "histograms"]
@@ -221,7 +223,7 @@ def finalize(entry: ArrayEntry, m: Moments) -> TensorStats:
     )
 
 
-def _stats_task(slabs: list[Slab], root: str) -> dict[str, Moments]:
+def _stats_task(slabs: list[Slab], root: Store) -> dict[str, Moments]:
     out: dict[str, Moments] = {}
     for slab in slabs:
         block = read_region(root, slab.entry, slab.region)
@@ -233,7 +235,7 @@ def _stats_task(slabs: list[Slab], root: str) -> dict[str, Moments]:
 
 
 def compute_stats(
-    root: str, entries: list[ArrayEntry], *, progress: Progress | None = None
+    root: str | Store, entries: list[ArrayEntry], *, progress: Progress | None = None
 ) -> dict[str, TensorStats]:
     """Statistics of every entry, in one pass over their chunks (see module doc)."""
     slabs = plan_slabs(entries)
@@ -241,7 +243,7 @@ def compute_stats(
     parts = run_tasks(
         _stats_task,
         groups,
-        (root,),
+        (open_store(root),),
         weights=[sum(s.nbytes for s in g) for g in groups],
         progress=progress,
         name="zarrckpt-stats",
@@ -257,7 +259,7 @@ def compute_stats(
 
 
 def _hist_task(
-    slabs: list[Slab], root: str, ranges: dict[str, tuple[float, float]], bins: int
+    slabs: list[Slab], root: Store, ranges: dict[str, tuple[float, float]], bins: int
 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for slab in slabs:
@@ -275,7 +277,7 @@ def _hist_task(
 
 
 def histograms(
-    root: str,
+    root: str | Store,
     entries: list[ArrayEntry],
     ranges: dict[str, tuple[float, float]],
     *,
@@ -291,7 +293,7 @@ def histograms(
     parts = run_tasks(
         _hist_task,
         groups,
-        (root, ranges, bins),
+        (open_store(root), ranges, bins),
         weights=[sum(s.nbytes for s in g) for g in groups],
         progress=progress,
         name="zarrckpt-hist",

@@ -23,20 +23,22 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ZarrCkptError
-from ..format._chunkio import ChunkReader, crc32c
+from ..format._chunk_reader import ChunkReader
+from ..format._codec import crc32c, expected_chunk_size
 from ..format._layout import ArrayLayout, Region
-from ..format._metadata import ArrayEntry, check_array_document, parse_entry
-from ..storage._paths import check_path
-from ..storage._storage import (
+from ..format._marker import (
     COMMIT_MARKER,
     FORMAT_NAME,
     FORMAT_VERSION,
     ROOT_METADATA,
-    find_commit_marker,
     marker_location_problem,
     parse_commit_marker,
 )
-from ._scan import Progress, Slab, array_dir, pack, plan_slabs, run_tasks, what
+from ..format._metadata import ArrayEntry, check_array_document, parse_entry
+from ..storage._base import Store
+from ..storage._local import open_store
+from ..storage._paths import check_path
+from ._scan import Progress, Slab, pack, plan_slabs, run_tasks, what
 
 __all__ = ["Problem", "VerifyReport", "verify", "PROBLEM_KINDS"]
 
@@ -141,19 +143,6 @@ class VerifyReport:
 # --------------------------------------------------------------------- chunks
 
 
-def expected_chunk_size(layout: ArrayLayout, index: tuple[int, ...]) -> int:
-    """Exact size in bytes of the chunk file ``index`` as zarrckpt writes it."""
-    if layout.inner_shape is None:
-        return layout.chunk_nbytes + 4
-    present = 0
-    n_inner = 0
-    for inner in layout.inner_indices():
-        n_inner += 1
-        if all(b > a for a, b in layout.inner_region(index, inner)):
-            present += 1
-    return present * (layout.inner_nbytes + 4) + n_inner * 16 + 4
-
-
 def _inner_regions(layout: ArrayLayout, index: tuple[int, ...], region: Region) -> list[Region]:
     """Inner-chunk regions of chunk ``index`` that lie inside ``region``."""
     out = []
@@ -166,15 +155,14 @@ def _inner_regions(layout: ArrayLayout, index: tuple[int, ...], region: Region) 
     return out
 
 
-def _check_slab(root: str, slab: Slab) -> tuple[list[Problem], int]:
+def _check_slab(root: Store, slab: Slab) -> tuple[list[Problem], int]:
     """Problems of one slab, and the payload bytes whose checksums were verified."""
     entry, layout = slab.entry, slab.entry.layout
     key = layout.chunk_key(slab.chunk)
     rel = f"{entry.path}/{key}"
-    file = os.path.join(array_dir(root, entry), *key.split("/"))
     expected = expected_chunk_size(layout, slab.chunk)
     try:
-        size = os.stat(file).st_size
+        size = root.size(rel)
     except FileNotFoundError:
         if not slab.first:
             return [], 0
@@ -187,7 +175,7 @@ def _check_slab(root: str, slab: Slab) -> tuple[list[Problem], int]:
         adj = "truncated" if size < expected else "too long"
         return [Problem(kind, f"{what(root, entry)}: chunk {key!r} is {adj}: {size} bytes, "
                         f"expected {expected}", entry.fqn, rel)], 0
-    reader = ChunkReader(array_dir(root, entry), layout, what(root, entry))
+    reader = ChunkReader(root, entry.path, layout, what(root, entry))
     nbytes = slab.nbytes
     try:
         _read(reader, entry, slab.region)
@@ -214,7 +202,7 @@ def _read(reader: ChunkReader, entry: ArrayEntry, region: Region) -> None:
         reader.read_into(dest, tuple(a for a, _ in region))
 
 
-def _verify_task(slabs: list[Slab], root: str) -> tuple[list[Problem], int]:
+def _verify_task(slabs: list[Slab], root: Store) -> tuple[list[Problem], int]:
     problems: list[Problem] = []
     nbytes = 0
     for slab in slabs:
@@ -227,13 +215,12 @@ def _verify_task(slabs: list[Slab], root: str) -> tuple[list[Problem], int]:
 # ------------------------------------------------------------------ metadata
 
 
-def _read_marker(path: str, report: VerifyReport) -> tuple[str, dict[str, Any] | None]:
+def _read_marker(store: Store, report: VerifyReport) -> tuple[str, dict[str, Any] | None]:
     """(where the marker is, its members or None after reporting the problem)."""
-    name = find_commit_marker(path)
-    marker_path = os.path.join(path, *name.split("/"))
+    path = store.path
+    name = store.find_commit_marker()
     try:
-        with open(marker_path, "rb") as f:
-            document = json.loads(f.read())
+        document = json.loads(store.read_small(name))
     except FileNotFoundError:
         report.problems.append(Problem(
             "missing_commit_marker",
@@ -260,12 +247,11 @@ def _read_marker(path: str, report: VerifyReport) -> tuple[str, dict[str, Any] |
     return name, marker
 
 
-def _read_manifest(path: str, marker: dict[str, Any] | None, report: VerifyReport
+def _read_manifest(store: Store, marker: dict[str, Any] | None, report: VerifyReport
                    ) -> dict[str, Any] | None:
-    root_path = os.path.join(path, ROOT_METADATA)
+    path = store.path
     try:
-        with open(root_path, "rb") as f:
-            root_bytes = f.read()
+        root_bytes = store.read_small(ROOT_METADATA)
     except FileNotFoundError:
         report.problems.append(Problem(
             "root_metadata", f"checkpoint {path!r}: root metadata {ROOT_METADATA!r} is missing",
@@ -326,12 +312,11 @@ def _entries(path: str, manifest: dict[str, Any], report: VerifyReport) -> list[
     return entries
 
 
-def _check_array_metadata(path: str, entry: ArrayEntry) -> Problem | None:
+def _check_array_metadata(store: Store, entry: ArrayEntry) -> Problem | None:
+    path = store.path
     rel = f"{entry.path}/zarr.json"
-    doc_path = os.path.join(path, entry.path, "zarr.json")
     try:
-        with open(doc_path, "rb") as f:
-            document = json.loads(f.read())
+        document = json.loads(store.read_small(rel))
         check_array_document(entry, document, checkpoint=path)
     except FileNotFoundError:
         return Problem("array_metadata", f"checkpoint {path!r}, key {entry.fqn!r}: array "
@@ -367,12 +352,14 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
         Nothing at ``path``, or a file rather than a directory.
     """
     path = check_path(path)
-    if not os.path.exists(path):
+    store = open_store(path)
+    kind = store.kind()
+    if kind == "missing":
         raise CheckpointNotFoundError(f"no checkpoint at {path!r}")
-    if not os.path.isdir(path):
+    if kind != "dir":
         raise CheckpointNotFoundError(f"{path!r} is a file, not a zarrckpt checkpoint directory")
     report = VerifyReport(path)
-    marker_name, marker = _read_marker(path, report)
+    marker_name, marker = _read_marker(store, report)
     if marker is not None:
         version = marker.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -388,14 +375,14 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
             report.problems.append(Problem("bad_commit_marker", location, file=marker_name))
         else:
             report.committed = True
-    manifest = _read_manifest(path, marker, report)
+    manifest = _read_manifest(store, marker, report)
     if manifest is None:
         return report
     entries = _entries(path, manifest, report)
     report.arrays = len(entries)
     report.chunks = sum(math.prod(e.layout.grid_shape) for e in entries)
     for entry in entries:
-        problem = _check_array_metadata(path, entry)
+        problem = _check_array_metadata(store, entry)
         if problem is not None:
             report.problems.append(problem)
 
@@ -404,7 +391,7 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
     parts = run_tasks(
         _verify_task,
         groups,
-        (path,),
+        (store,),
         weights=[sum(s.nbytes for s in g) for g in groups],
         progress=progress,
         name="zarrckpt-verify",

@@ -1,4 +1,5 @@
-"""Open a committed checkpoint directory and read its arrays (local filesystem)."""
+"""Open a committed checkpoint and read its arrays through its store
+(:class:`~zarrckpt.storage._base.Store`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
-from ..format._chunkio import ChunkReader
+from ..format._chunk_reader import ChunkReader
 from ..format._dtypes import numpy_as_tensor
+from ..format._marker import FORMAT_NAME
 from ..format._metadata import ArrayEntry, check_array_document, parse_entry
-from ..storage._storage import FORMAT_NAME, read_committed_root
+from ..storage._base import Store
+from ..storage._local import open_store
 from ._writer import array_json
 
 if TYPE_CHECKING:  # torch is imported only where a tensor is produced
@@ -35,17 +38,18 @@ class ReadRequest:
 
 
 class CheckpointFiles:
-    """A committed checkpoint on disk: manifest plus verified array reads.
+    """A committed checkpoint: manifest plus verified array reads.
 
     Parameters
     ----------
     path
-        Checkpoint directory.
+        Checkpoint location, or its store.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self.root = read_committed_root(self.path)
+    def __init__(self, path: str | os.PathLike[str] | Store) -> None:
+        self.store = open_store(path)
+        self.path = self.store.path
+        self.root = self.store.read_committed_root()
         self.manifest: dict[str, Any] = self.root["attributes"][FORMAT_NAME]
         try:
             self.tree: dict[str, Any] = self.manifest["tree"]
@@ -76,12 +80,12 @@ class CheckpointFiles:
         """Verify that the array's own zarr.json exists and matches the manifest."""
         if entry.fqn in self._checked:
             return
-        doc_path = os.path.join(self.path, entry.path, "zarr.json")
+        key = f"{entry.path}/zarr.json"
         try:
-            data = _read_small(doc_path)
+            data = self.store.read_small(key)
         except FileNotFoundError:
             raise CorruptCheckpointError(
-                f"{self.what(entry)}: array metadata {doc_path!r} is missing"
+                f"{self.what(entry)}: array metadata {self.store.location(key)!r} is missing"
             ) from None
         # the exact bytes zarrckpt writes for this entry pass without parsing
         if data != array_json(entry):
@@ -89,7 +93,8 @@ class CheckpointFiles:
                 document = json.loads(data)
             except ValueError as e:
                 raise CorruptCheckpointError(
-                    f"{self.what(entry)}: array metadata {doc_path!r} is not valid JSON ({e})"
+                    f"{self.what(entry)}: array metadata {self.store.location(key)!r} is not "
+                    f"valid JSON ({e})"
                 ) from None
             check_array_document(entry, document, checkpoint=self.path)
         self._checked.add(entry.fqn)
@@ -98,7 +103,8 @@ class CheckpointFiles:
         """Fill one request; return the bytes read from disk."""
         self.check_metadata(request.entry)
         reader = ChunkReader(
-            os.path.join(self.path, request.entry.path),
+            self.store,
+            request.entry.path,
             request.entry.layout,
             self.what(request.entry),
         )
@@ -180,18 +186,6 @@ class CheckpointFiles:
 
 #: requests of at least this many bytes go to the thread pool in read_many
 _PARALLEL_MIN_BYTES = 1 << 20
-
-
-def _read_small(path: str) -> bytes:
-    """Whole content of a small file (open, fstat, read, close)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while parts[-1]:
-            parts.append(os.read(fd, 1 << 16))
-    finally:
-        os.close(fd)
-    return b"".join(parts)
 
 
 def _split_by_chunk(request: ReadRequest) -> list[ReadRequest]:

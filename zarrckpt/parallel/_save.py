@@ -7,7 +7,8 @@ rank and nothing is committed):
    it holds; the descriptions are all-gathered and every rank computes the
    same plan, whose tree is the union of the ranks' trees (keys only some
    ranks have are kept; different values at one key are refused);
-2. rank 0 checks the destination and creates the staging directory;
+2. rank 0 checks the destination and creates the staging (``Store.stage``);
+   the other ranks attach to it by its token;
 3. every rank writes its share of array metadata and the chunks assigned to
    it, and makes them durable;
 4. rank 0 writes the root metadata and the commit marker and publishes.
@@ -30,8 +31,8 @@ from ..format._flatten import flatten_state_dict, pickle_value
 from ..format._layout import choose_layout
 from ..format._metadata import ArrayEntry, array_path, check_unique_paths, root_document
 from ..format._tree_merge import merge_trees
-from ..storage._paths import wait_visible
-from ..storage._storage import check_writable, commit, new_staging_dir, remove_tree, sync_tree
+from ..storage._base import Staging
+from ..storage._local import open_store
 from ._collective import Comm
 from ._planning import ArrayPieces, plan_arrays
 from ._sharding import LocalView, describe_leaf, is_tensor_leaf
@@ -271,19 +272,29 @@ def save_collective(
         lambda: _build_plan(summaries, path, options), f"planning the save of {path!r}"
     )
 
+    store = open_store(path)
+    created: list[Staging] = []
+
     def create_staging() -> str | None:
         if not comm.is_coordinator:
             return None
-        check_writable(path, overwrite=options.overwrite)
-        return new_staging_dir(path)
+        store.check_writable(overwrite=options.overwrite)
+        created.append(store.stage())
+        return created[0].token
 
-    staging = comm.broadcast(
+    token = comm.broadcast(
         comm.agree(create_staging, f"preparing the checkpoint directory {path!r}")
     )
-    assert isinstance(staging, str)
+    assert isinstance(token, str)
     try:
+
+        def write() -> int:
+            # the other ranks attach to the staging rank 0 created (and wait to see it)
+            staging = created[0] if created else store.attach(token, rank=comm.rank)
+            return _write_share(staging, plan, local, comm, options)
+
         written = comm.agree(
-            lambda: _write_share(staging, plan, local, comm, options),
+            write,
             f"writing the checkpoint {path!r}",
         )
 
@@ -298,31 +309,23 @@ def save_collective(
                 world_size=comm.world_size,
                 extra={**sharding_summary(local), **extra},
             )
-            commit(
-                staging,
-                path,
-                root,
-                checkpoint_id,
-                overwrite=options.overwrite,
-                fsync=options.fsync,
-            )
+            created[0].commit(root, checkpoint_id, overwrite=options.overwrite, fsync=options.fsync)
 
         comm.agree(finish, f"committing the checkpoint {path!r}")
     except BaseException:
-        if comm.is_coordinator:
-            remove_tree(staging)
+        if comm.is_coordinator and created:
+            created[0].abort()
         raise
     tensors = [e for e in plan.entries if e.kind not in ("pickle", "bytes")]
     return SaveReport(len(tensors), sum(e.nbytes for e in tensors), written)
 
 
 def _write_share(
-    staging: str, plan: SavePlan, local: LocalState, comm: Comm, options: SaveOptions
+    staging: Staging, plan: SavePlan, local: LocalState, comm: Comm, options: SaveOptions
 ) -> int:
     """Write this rank's metadata files and chunks, then make them durable;
     return the chunk bytes written."""
     entries = plan.entries
-    wait_visible(staging, rank=comm.rank)  # rank 0 created it (NFS caches)
     mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
     chunks: list[ChunkWrite] = []
     for entry in entries:
@@ -347,5 +350,5 @@ def _write_share(
             chunks.append(ChunkWrite(entry, index, local.sources[entry.fqn][k], origin))
     written = write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
     if options.fsync:
-        sync_tree(staging)
+        staging.sync()
     return written

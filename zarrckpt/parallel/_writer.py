@@ -1,4 +1,5 @@
-"""Write arrays (metadata and chunks) into a staging directory with a thread pool."""
+"""Write arrays (metadata and chunks) into a :class:`~zarrckpt.storage._base.Staging`
+with a thread pool."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..format import _chunkio
-from ..format._chunkio import encode_chunk
+from ..format._codec import encode_chunk
 from ..format._metadata import ArrayEntry, array_document, group_document
+from ..storage._base import Staging
+from ..storage._local import as_staging
+from ..storage._posix import WRITEBACK_MIN_BYTES
 
 __all__ = ["ChunkWrite", "write_arrays", "default_threads", "parallel_map"]
 
@@ -24,7 +27,7 @@ R = TypeVar("R")
 #: small writes are grouped into tasks of about this many bytes
 _TASK_BYTES = 8 << 20
 #: chunk files at least this large start their writeback while being written (fsync saves)
-_WRITEBACK_MIN_BYTES = 1 << 20
+_WRITEBACK_MIN_BYTES = WRITEBACK_MIN_BYTES
 
 
 def default_threads() -> int:
@@ -92,27 +95,6 @@ def _array_dirs(path: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _mkdir(path: str) -> None:
-    """Create a directory (and missing parents); one syscall in the common case."""
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-
-
-def _write_small(path: str, data: bytes) -> None:
-    """Write a small new file with three syscalls (no buffered-file machinery)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-
-
 _FQN_MARK = "\x00zarrckpt-fqn\x00"
 _PATH_MARK = "\x00zarrckpt-path\x00"
 _TEMPLATES: dict[tuple[object, ...], tuple[list[str], list[str]] | None] = {}
@@ -160,48 +142,46 @@ def array_json(entry: ArrayEntry) -> bytes:
     ).encode()
 
 
-def write_metadata(root: str, entries: Iterable[ArrayEntry]) -> None:
+def write_metadata(staging: str | Staging, entries: Iterable[ArrayEntry]) -> None:
     """Create array directories and their ``zarr.json`` (and split-name groups)."""
+    target = as_staging(staging)
     groups_done: set[str] = set()
     group_bytes = json.dumps(group_document()).encode()
     for entry in entries:
         for group in _array_dirs(entry.path):
             if group not in groups_done:
-                _mkdir(os.path.join(root, group))
-                _write_small(os.path.join(root, group, "zarr.json"), group_bytes)
+                target.ensure_dir(group)
+                target.write_small(f"{group}/zarr.json", group_bytes)
                 groups_done.add(group)
-        array_dir = os.path.join(root, entry.path)
-        _mkdir(array_dir)
-        _write_small(os.path.join(array_dir, "zarr.json"), array_json(entry))
+        target.ensure_dir(entry.path)
+        target.write_small(f"{entry.path}/zarr.json", array_json(entry))
 
 
-def _write_chunks(root: str, writes: list[ChunkWrite], writeback: bool) -> int:
+def _write_chunks(staging: Staging, writes: list[ChunkWrite], writeback: bool) -> int:
     made: set[str] = set()
     total = 0
     for w in writes:
-        path = os.path.join(root, w.entry.path, *w.entry.layout.chunk_key(w.index).split("/"))
-        parent = os.path.dirname(path)
+        key = f"{w.entry.path}/{w.entry.layout.chunk_key(w.index)}"
+        parent = key.rpartition("/")[0]
         if parent not in made:
-            _mkdir(parent)
+            staging.ensure_dir(parent)
             made.add(parent)
         buffers = encode_chunk(w.entry.layout, w.index, w.source, w.origin)
-        # looked up on the module so tests can inject failures (_chunkio.write_file)
-        if writeback and w.entry.layout.chunk_nbytes >= _WRITEBACK_MIN_BYTES:
-            total += _chunkio.write_file(path, buffers, writeback=True)
-        else:
-            total += _chunkio.write_file(path, buffers)
+        big = w.entry.layout.chunk_nbytes >= _WRITEBACK_MIN_BYTES
+        total += staging.write_chunk(key, buffers, writeback=writeback and big)
     return total
 
 
 def write_arrays(
-    root: str,
+    staging: str | Staging,
     metadata: list[ArrayEntry],
     chunks: list[ChunkWrite],
     *,
     threads: int,
     fsync: bool = False,
 ) -> int:
-    """Write array metadata then chunks under ``root``; return chunk bytes written.
+    """Write array metadata then chunks into ``staging`` (or a staging directory);
+    return the chunk bytes written.
 
     Chunks are written by a pool of ``threads`` threads; small chunks are
     batched into tasks of about 8 MiB so a thousand tiny tensors do not pay a
@@ -209,12 +189,15 @@ def write_arrays(
     afterwards) large chunk files start their writeback while they are being
     written, so the disk works in parallel with the copying.
     """
+    target = as_staging(staging)
     batches = [metadata[i : i + 64] for i in range(0, len(metadata), 64)]
-    parallel_map(lambda b: write_metadata(root, b), batches, threads)
-    return _run_chunk_tasks(root, chunks, threads, fsync)
+    parallel_map(lambda b: write_metadata(target, b), batches, threads)
+    return _run_chunk_tasks(target, chunks, threads, fsync)
 
 
-def _run_chunk_tasks(root: str, chunks: list[ChunkWrite], threads: int, writeback: bool) -> int:
+def _run_chunk_tasks(
+    staging: Staging, chunks: list[ChunkWrite], threads: int, writeback: bool
+) -> int:
     tasks: list[list[ChunkWrite]] = []
     current: list[ChunkWrite] = []
     size = 0
@@ -226,4 +209,4 @@ def _run_chunk_tasks(root: str, chunks: list[ChunkWrite], threads: int, writebac
             current, size = [], 0
     if current:
         tasks.append(current)
-    return sum(parallel_map(lambda t: _write_chunks(root, t, writeback), tasks, threads))
+    return sum(parallel_map(lambda t: _write_chunks(staging, t, writeback), tasks, threads))

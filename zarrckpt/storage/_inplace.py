@@ -8,7 +8,7 @@ checkpoint is still committed as a whole: the commit marker is written last,
 so a reader never loads a half-written checkpoint.
 
 A checkpoint directory of its own is published with one atomic rename (see
-:mod:`zarrckpt.storage._storage`). A directory holding other files cannot be renamed
+:mod:`zarrckpt.storage._local`). A directory holding other files cannot be renamed
 without moving them too, so the checkpoint is committed in place, by the
 coordinator, once every rank has written into a staging directory inside it:
 
@@ -37,18 +37,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError
-from ._paths import DCP_METADATA, STAGING_INFIX, few, make_parents
-from ._storage import (
+from ..format._marker import (
     COMMIT_GROUP,
     COMMIT_MARKER,
     FORMAT_NAME,
     LEGACY_COMMIT_MARKER,
     ROOT_METADATA,
-    _fsync_path,
-    remove_tree,
-    write_commit_marker,
-    write_json,
 )
+from ._local import write_commit_marker
+from ._paths import DCP_METADATA, STAGING_INFIX, few, make_parents
+from ._posix import fsync_path as _fsync_path
+from ._posix import remove_tree, write_json
 
 __all__ = [
     "DCP_EXISTS",

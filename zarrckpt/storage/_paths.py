@@ -24,8 +24,7 @@ from ..errors import (
     InvalidPathError,
     ZarrCkptError,
 )
-from ._storage import _STAGING_INFIX as STAGING_INFIX
-from ._storage import COMMIT_MARKER, FORMAT_NAME, LEGACY_COMMIT_MARKER, ROOT_METADATA
+from ..format._marker import COMMIT_MARKER, FORMAT_NAME, LEGACY_COMMIT_MARKER, ROOT_METADATA
 
 __all__ = [
     "check_path",
@@ -39,6 +38,8 @@ __all__ = [
     "DCP_METADATA",
 ]
 
+#: the staging directory of a save to ``dir/name`` is ``dir/.name.zarrckpt-tmp-<12 hex>``
+STAGING_INFIX = ".zarrckpt-tmp-"
 #: DCP's global metadata file (``FileSystemWriter``)
 DCP_METADATA = ".metadata"
 

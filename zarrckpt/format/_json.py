@@ -1,0 +1,34 @@
+"""The JSON text of zarrckpt's metadata documents (root manifest, commit marker)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["dumps_json"]
+
+#: objects nested deeper than this are written on one line by :func:`dumps_json`
+_JSON_LINE_DEPTH = 4
+
+
+def dumps_json(document: Any, *, _depth: int = 0) -> str:
+    """``document`` as JSON text: objects down to depth 4 one member per line
+    (indent 1), everything deeper on one line.
+
+    Readable (one manifest entry per line) and fast: the one-line parts go
+    through the C encoder, which ``json.dumps(..., indent=...)`` never uses, so
+    the manifest of 100,000 tensors is written in a fraction of the time.
+    NaN and infinities are refused (``ValueError``) at every level, and so
+    are object keys that are not ``str`` (``TypeError``) in the expanded ones.
+    """
+    if not isinstance(document, dict) or not document or _depth >= _JSON_LINE_DEPTH:
+        return json.dumps(document, allow_nan=False, ensure_ascii=False, separators=(", ", ": "))
+    pad = " " * (_depth + 1)
+    for key in document:
+        if not isinstance(key, str):
+            raise TypeError(f"JSON object keys must be str, not {type(key).__name__} ({key!r})")
+    members = ",\n".join(
+        f"{pad}{json.dumps(k, ensure_ascii=False)}: {dumps_json(v, _depth=_depth + 1)}"
+        for k, v in document.items()
+    )
+    return "{\n" + members + "\n" + " " * _depth + "}"

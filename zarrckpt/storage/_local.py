@@ -1,0 +1,333 @@
+"""Checkpoints on a local (or shared POSIX) filesystem: :class:`LocalStore`.
+
+A save writes everything into a hidden sibling staging directory
+(``.<name>.zarrckpt-tmp-<id>``), makes the data durable (one ``syncfs``),
+writes the commit marker ``~commit/zarr.json`` last, and then publishes the
+directory at its path with one atomic rename (``renameat2(RENAME_EXCHANGE)``
+when replacing an existing checkpoint, so the path always holds the old or the
+new one).
+
+The commit marker is the ``zarr.json`` of an empty zarr group ``~commit``, its
+members in the group's attributes, so that plain zarr lists a checkpoint
+without warnings (zarr-python warns about every root entry that is not a zarr
+node). Format version 1 kept them in the file ``zarrckpt.commit`` at the root;
+readers accept both (docs/format.md, section 6).
+
+Every system call goes through :mod:`zarrckpt.storage._posix`, looked up at
+call time (``_posix.write_file(...)``) so that tests can inject faults there.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CheckpointExistsError, InvalidPathError
+from ..format._marker import (
+    COMMIT_GROUP,
+    COMMIT_MARKER,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ROOT_METADATA,
+    marker_document,
+)
+from . import _posix
+from ._base import Kind, RangeReader, Staging, Store
+from ._paths import (
+    STAGING_INFIX,
+    describe_contents,
+    few,
+    make_parents,
+    missing_path_error,
+    not_committed_error,
+    wait_visible,
+)
+
+__all__ = ["LocalStore", "LocalStaging", "LocalRangeReader", "open_store", "write_commit_marker"]
+
+
+def _join(root: str, key: str) -> str:
+    """The path of ``key`` below ``root`` (``os.path.join`` of its parts, without the
+    split in the common case)."""
+    if not key:
+        return root
+    if root and not root.endswith("/"):
+        return f"{root}/{key}"
+    return os.path.join(root, *key.split("/"))
+
+
+class LocalRangeReader(RangeReader):
+    """A file open for ``preadv``."""
+
+    def __init__(self, path: str) -> None:
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        self._size: int | None = None
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            if self._fd is None:
+                raise ValueError("size of a closed reader")
+            self._size = os.fstat(self._fd).st_size
+        return self._size
+
+    def readv_into(self, buffers: list[memoryview], offset: int) -> int:
+        if self._fd is None:
+            raise ValueError("read from a closed reader")
+        return _posix.preadv(self._fd, buffers, offset)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class LocalStore(Store):
+    """A checkpoint directory on a local or shared POSIX filesystem.
+
+    Parameters
+    ----------
+    path
+        The checkpoint directory (it need not exist yet).
+    """
+
+    path: str
+
+    # ------------------------------------------------------------------ probing
+
+    def kind(self, key: str = "") -> Kind:
+        p = _join(self.path, key)
+        if os.path.isdir(p):
+            return "dir"
+        if os.path.isfile(p):
+            return "file"
+        return "other" if os.path.exists(p) else "missing"
+
+    def exists(self, key: str) -> bool:
+        return os.path.lexists(_join(self.path, key))
+
+    def size(self, key: str) -> int:
+        return os.stat(_join(self.path, key)).st_size
+
+    def list_dir(self, key: str = "") -> list[str]:
+        return sorted(os.listdir(_join(self.path, key)))
+
+    def location(self, key: str = "") -> str:
+        return _join(self.path, key)
+
+    # ------------------------------------------------------------------ reading
+
+    def read_small(self, key: str) -> bytes:
+        return _posix.read_small(_join(self.path, key))
+
+    def open_reader(self, key: str) -> LocalRangeReader:
+        return LocalRangeReader(_join(self.path, key))
+
+    def missing_error(self) -> Exception:
+        return missing_path_error(self.path)
+
+    def not_committed_error(self) -> Exception:
+        return not_committed_error(self.path)
+
+    # ------------------------------------------------------------------ writing
+
+    def check_writable(self, *, overwrite: bool) -> None:
+        """Refuse to save over an existing path unless allowed and safe; create
+        missing parent directories of a new path.
+
+        With ``overwrite=True`` only a zarrckpt checkpoint holding nothing else,
+        an empty directory or a regular file is replaced; any other directory is
+        refused so that a typo cannot delete unrelated data.
+        """
+        from ._inplace import foreign_entries  # builds on this module's helpers
+
+        path = self.path
+        if not os.path.lexists(path):
+            make_parents(path)
+            return
+        is_dir = os.path.isdir(path) and not os.path.islink(path)
+        if is_dir and os.listdir(path) and not self.looks_like_checkpoint():
+            _kind, text = describe_contents(path)
+            raise CheckpointExistsError(
+                f"refusing to save to {path!r}: it {text}, not a zarrckpt checkpoint. A "
+                "checkpoint is written as a directory of its own (published by one atomic "
+                "rename, which replaces the whole directory on overwrite), so it is never "
+                "written into a directory holding other files: choose a new path such as "
+                f"{os.path.join(path, 'checkpoint')!r}, or write beside those files with "
+                "dcp.save(state_dict, storage_writer=zarrckpt.ZarrStorageWriter(path)), "
+                "which keeps them"
+            )
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"checkpoint path {path!r} already exists; pass overwrite=True to replace it "
+                "(the old checkpoint stays intact until the new one is committed)"
+            )
+        foreign = foreign_entries(path) if is_dir else []
+        if foreign:
+            raise CheckpointExistsError(
+                f"refusing to overwrite checkpoint {path!r}: besides the checkpoint it holds "
+                f"{few(foreign)}, which replacing the checkpoint directory would delete; move "
+                "them elsewhere, or overwrite with dcp.save(state_dict, storage_writer="
+                "zarrckpt.ZarrStorageWriter(path, overwrite=True)), which replaces only the "
+                "checkpoint's own entries"
+            )
+
+    def _staging_prefix(self) -> tuple[str, str]:
+        parent, name = os.path.split(os.path.abspath(self.path))
+        return parent, f".{name}{STAGING_INFIX}"
+
+    def stage(self) -> LocalStaging:
+        """Create a fresh staging directory beside the path."""
+        parent, prefix = self._staging_prefix()
+        directory = os.path.join(parent, f"{prefix}{uuid.uuid4().hex[:12]}")
+        os.mkdir(directory)
+        return LocalStaging(directory, self.path)
+
+    def attach(self, token: str, *, rank: int = 0) -> LocalStaging:
+        parent, prefix = self._staging_prefix()
+        if not os.path.basename(token).startswith(prefix):
+            raise InvalidPathError(
+                f"{token!r} is not a staging directory of checkpoint {self.path!r} "
+                f"(expected {os.path.join(parent, prefix)}*)"
+            )
+        wait_visible(token, rank=rank)  # rank 0 created it (NFS attribute caches)
+        return LocalStaging(token, self.path)
+
+    def remove(self) -> None:
+        _posix.remove_tree(self.path)
+
+
+@dataclass
+class LocalStaging(Staging):
+    """A staging directory of a save to ``path`` (``None``: a directory written
+    into only, never committed)."""
+
+    directory: str
+    path: str | None = None
+
+    @property
+    def token(self) -> str:
+        return self.directory
+
+    @property
+    def local_dir(self) -> str:
+        return self.directory
+
+    def _target(self) -> str:
+        if self.path is None:
+            raise InvalidPathError(f"staging {self.directory!r} has no checkpoint path")
+        return self.path
+
+    def ensure_dir(self, key: str) -> None:
+        _posix.mkdir_fast(_join(self.directory, key))
+
+    def write_small(self, key: str, data: bytes) -> None:
+        _posix.write_small(_join(self.directory, key), data)
+
+    def write_chunk(self, key: str, buffers: list[Any], *, writeback: bool = False) -> int:
+        path = _join(self.directory, key)
+        # looked up on the module so tests can inject failures (_posix.write_file)
+        if writeback:
+            return _posix.write_file(path, buffers, writeback=True)
+        return _posix.write_file(path, buffers)
+
+    def write_at(self, key: str, offset: int, data: Any) -> None:
+        fd = os.open(_join(self.directory, key), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            _posix.pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def write_json(self, key: str, document: Any, *, fsync: bool = False) -> bytes:
+        return _posix.write_json(_join(self.directory, key), document, fsync=fsync)
+
+    def read_small(self, key: str) -> bytes:
+        return _posix.read_small(_join(self.directory, key))
+
+    def sync(self) -> None:
+        _posix.sync_tree(self.directory)
+
+    def commit(
+        self, root: dict[str, Any], checkpoint_id: str, *, overwrite: bool, fsync: bool
+    ) -> None:
+        """Write the root ``zarr.json`` and the commit marker, then publish the
+        directory at the path. The array data must already be in the staging
+        (and durable, with ``fsync``)."""
+        root_bytes = self.write_json(ROOT_METADATA, root, fsync=fsync)
+        version = root["attributes"][FORMAT_NAME].get("format_version", FORMAT_VERSION)
+        write_commit_marker(
+            self.directory, root_bytes, checkpoint_id, fsync=fsync, format_version=version
+        )
+        self.publish(overwrite=overwrite, fsync=fsync)
+
+    def publish(self, *, overwrite: bool, fsync: bool) -> None:
+        """Atomically move the staging directory to the path."""
+        staging, path = self.directory, self._target()
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.lexists(path):
+            if not overwrite:  # appeared while we were writing
+                raise CheckpointExistsError(f"checkpoint path {path!r} already exists")
+            if _posix._renameat2(staging, path, _posix._RENAME_EXCHANGE):
+                _posix.remove_tree(staging)  # now holds the previous checkpoint
+            else:  # no atomic exchange here: short window where path is absent
+                trash = staging + ".old"
+                os.rename(path, trash)
+                os.rename(staging, path)
+                _posix.remove_tree(trash)
+        elif not _posix._renameat2(staging, path, _posix._RENAME_NOREPLACE):
+            os.rename(staging, path)
+        if fsync:
+            _posix.fsync_path(parent)
+
+    def publish_file(self, name: str, *, overwrite: bool, fsync: bool) -> None:
+        path = self._target()
+        tmp = _join(self.directory, name)
+        if not overwrite and os.path.lexists(path):
+            raise CheckpointExistsError(f"{path!r} already exists")
+        if fsync:
+            _posix.fsync_path(tmp)
+        os.replace(tmp, path)
+        if fsync:
+            _posix.fsync_path(os.path.dirname(os.path.abspath(path)))
+        self.abort()
+
+    def abort(self) -> None:
+        _posix.remove_tree(self.directory)
+
+
+def write_commit_marker(
+    directory: str,
+    root_bytes: bytes,
+    checkpoint_id: str,
+    *,
+    fsync: bool,
+    format_version: int = FORMAT_VERSION,
+) -> None:
+    """Write the commit marker (last file of a checkpoint): ``~commit/zarr.json``."""
+    group = os.path.join(directory, COMMIT_GROUP)
+    os.makedirs(group, exist_ok=True)
+    marker_path = _join(directory, COMMIT_MARKER)
+    _posix.write_json(marker_path, marker_document(root_bytes, checkpoint_id, format_version))
+    if fsync:
+        _posix.fsync_path(marker_path)
+        _posix.fsync_path(group)
+        _posix.fsync_path(directory)
+
+
+def open_store(path: str | os.PathLike[str] | Store) -> Store:
+    """The store of a checkpoint location: a :class:`LocalStore` for every path
+    today (callers validate paths first, :func:`~zarrckpt.storage._paths.check_path`).
+    A store is returned as it is."""
+    if isinstance(path, Store):
+        return path
+    return LocalStore(os.fspath(path))
+
+
+def as_staging(staging: str | Staging) -> Staging:
+    """A staging given as a directory path (the DCP plug-in's string tokens) or as it is."""
+    if isinstance(staging, Staging):
+        return staging
+    return LocalStaging(staging)
