@@ -45,7 +45,7 @@ def test_layers_contract_is_kept() -> None:
         # a lower layer importing a higher one
         ("format/_layout.py", "from ..parallel import _save",
          "zarrckpt.format is not allowed to import zarrckpt.parallel"),
-        ("storage/_storage.py", "from ..parallel import _collective",
+        ("storage/_files.py", "from ..parallel import _collective",
          "zarrckpt.storage is not allowed to import zarrckpt.parallel"),
         ("api.py", "from .interop import _file_source",
          "zarrckpt.api is not allowed to import zarrckpt.interop"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -93,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     import zarrckpt
+    from zarrckpt.storage._files import make_dirs, make_temp_dir
     from zarrckpt.testing import run_distributed
 
     args = sys.argv[1:] if argv is None else argv
-    root = args[0] if args else tempfile.mkdtemp(prefix="zarrckpt-demo-")
-    os.makedirs(root, exist_ok=True)
+    root = args[0] if args else make_temp_dir("zarrckpt-demo-")
+    make_dirs(root)
     path = os.path.join(root, "checkpoint")
     print(f"zarrckpt {zarrckpt.__version__} demo, checkpoint at {path}\n")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -84,9 +83,9 @@ def run_distributed(
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    fd, init_file = tempfile.mkstemp(prefix="zarrckpt-rdzv-")
-    os.close(fd)
-    os.remove(init_file)
+    from .storage._files import new_temp_path, remove_file
+
+    init_file = new_temp_path("zarrckpt-rdzv-")
     env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -143,8 +142,7 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join()
-        if os.path.exists(init_file):
-            os.remove(init_file)
+        remove_file(init_file)
     if failure is not None:
         errors = [f"rank {r} raised:\n{v}" for r, (ok, v) in sorted(outcome.items()) if not ok]
         raise DistributedTestError("\n".join(errors) or failure)

@@ -48,7 +48,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -472,9 +471,10 @@ def _one_line(e: BaseException) -> str:
 
 def _broken_pipe() -> int:
     """The reader of our stdout went away (``| head``): stop quietly."""
+    from ..storage._files import redirect_fd_to_devnull
+
     with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        redirect_fd_to_devnull(sys.stdout.fileno())
     return 141
 
 

@@ -146,13 +146,14 @@ def _verify(args: argparse.Namespace, out: Output) -> int:
 )
 def _plot(args: argparse.Namespace, out: Output) -> int:
     from ..inspect._plot import plot_checkpoint
+    from ..storage._files import is_dir
 
     if args.bins < 1 or args.max_hist < 0:
         raise UsageError("--bins must be >= 1 and --max-hist >= 0")
     ckpt = _open(args.path)
     _select(ckpt, args.pattern)
     parent = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(parent):
+    if not is_dir(parent):
         raise UsageError(f"cannot write {args.output!r}: directory {parent!r} does not exist")
     with out.progress("plot") as progress:
         shown = plot_checkpoint(

@@ -3,16 +3,17 @@ through zarrckpt's verified chunk reader."""
 
 from __future__ import annotations
 
-import builtins
-import os
+import json
 from typing import Any
 
 import numpy as np
 
 from ..errors import CorruptCheckpointError
-from ..format._chunkio import ChunkReader
+from ..format._chunk_reader import ChunkReader
 from ..format._metadata import ArrayEntry, check_array_document
 from ..parallel._reader import CheckpointFiles
+from ..storage._base import Store
+from ..storage._local import open_store
 
 __all__ = ["_ChunkSource"]
 
@@ -20,12 +21,15 @@ __all__ = ["_ChunkSource"]
 class _ChunkSource:
     """Array-like object dask reads blocks from, through zarrckpt's verified reader.
 
-    Pickles as (checkpoint path, manifest entry) only, so dask.distributed can
+    Pickles as (checkpoint store, manifest entry) only, so dask.distributed can
     ship it to worker processes without the whole manifest.
     """
 
-    def __init__(self, path: str, entry: ArrayEntry, files: CheckpointFiles | None = None) -> None:
-        self.path = path
+    def __init__(
+        self, path: str | Store, entry: ArrayEntry, files: CheckpointFiles | None = None
+    ) -> None:
+        self.store = open_store(path)
+        self.path = self.store.path
         self.entry = entry
         self.files = files
         self.shape = entry.shape
@@ -34,10 +38,10 @@ class _ChunkSource:
         self._checked = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "entry": self.entry}
+        return {"store": self.store, "entry": self.entry}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["entry"])  # type: ignore[misc]
+        self.__init__(state["store"], state["entry"])  # type: ignore[misc]
 
     def _check_metadata(self) -> None:
         if self._checked:
@@ -45,12 +49,10 @@ class _ChunkSource:
         if self.files is not None:
             self.files.check_metadata(self.entry)
         else:
-            import json
-
-            doc_path = os.path.join(self.path, self.entry.path, "zarr.json")
+            key = f"{self.entry.path}/zarr.json"
+            doc_path = self.store.location(key)
             try:
-                with builtins.open(doc_path, "rb") as f:
-                    document = json.loads(f.read())
+                document = json.loads(self.store.read_small(key))
             except (OSError, ValueError) as e:
                 raise CorruptCheckpointError(
                     f"checkpoint {self.path!r}, key {self.entry.fqn!r}: array metadata "
@@ -75,7 +77,8 @@ class _ChunkSource:
         if dest.size:
             self._check_metadata()
             reader = ChunkReader(
-                os.path.join(self.path, self.entry.path),
+                self.store,
+                self.entry.path,
                 self.entry.layout,
                 f"checkpoint {self.path!r}, key {self.entry.fqn!r}",
             )

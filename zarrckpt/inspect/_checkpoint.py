@@ -239,7 +239,7 @@ class Checkpoint:
         for fqn in self.select(pattern):
             entry = self._files.arrays[fqn]
             out[fqn] = da.from_array(
-                _ChunkSource(self.path, entry, self._files),
+                _ChunkSource(self._files.store, entry, self._files),
                 chunks=entry.layout.chunk_shape if entry.shape else (),
                 lock=False,
                 asarray=False,

@@ -11,7 +11,6 @@ broadcasting whole tensors it does not hold.
 from __future__ import annotations
 
 import warnings
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..format._dtypes import numpy_as_tensor
 from ..format._flatten import FlatState
+from ..storage._files import is_zip_file, read_head
 from ._safetensors_io import SafetensorsReader, read_layout
 from ._torchsave_source import FileSource, TorchSaveFile
 
@@ -51,8 +51,7 @@ class SafetensorsFile(FileSource):
 
 def _head(path: str, n: int = 32) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read(n)
+        return read_head(path, n)
     except OSError:
         return b""
 
@@ -82,7 +81,7 @@ def open_file_source(path: str, *, allow_pickle: bool) -> Any:
     zarrckpt.errors.CorruptCheckpointError
         The file is neither.
     """
-    if zipfile.is_zipfile(path):
+    if is_zip_file(path):
         return TorchSaveFile(path, allow_pickle=allow_pickle)
     if _is_safetensors(path):
         return SafetensorsFile(path)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
-import os
+
+from ..storage._files import file_identity, read_text
 
 __all__ = ["FileMappings", "PAGE_SIZE"]
 
@@ -56,12 +57,10 @@ class FileMappings:
         #: (start, end, file offset) of each mapping of the file
         self.ranges: list[tuple[int, int, int]] = []
         try:
-            st = os.stat(path)
-            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-                lines = f.readlines()
+            major, minor, ino = file_identity(path)
+            lines = read_text("/proc/self/maps").splitlines(keepends=True)
         except OSError:
             return
-        major, minor = os.major(st.st_dev), os.minor(st.st_dev)
         for line in lines:
             parts = line.split(maxsplit=5)
             if len(parts) < 5:
@@ -73,7 +72,7 @@ class FileMappings:
                 offset = int(parts[2], 16)
             except ValueError:
                 continue
-            if inode == st.st_ino and (dev_major, dev_minor) == (major, minor):
+            if inode == ino and (dev_major, dev_minor) == (major, minor):
                 self.ranges.append((int(start_s, 16), int(end_s, 16), offset))
 
     def file_offset(self, address: int) -> int | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedValueError
 from ..format._dtypes import BY_TORCH
+from ..storage._files import PositionalFile, file_size, is_file, open_read
 
 __all__ = [
     "DTYPES",
@@ -102,10 +102,10 @@ class SafetensorsReader:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        if not os.path.isfile(path):
+        if not is_file(path):
             raise CheckpointNotFoundError(f"no safetensors file at {path!r}")
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = file_size(path)
+        with open_read(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise self._corrupt("shorter than its 8-byte header length")
@@ -158,7 +158,7 @@ class SafetensorsReader:
             if begin1 < end0:
                 raise self._corrupt(f"tensors {name0!r} and {name1!r} overlap")
         self._size = size
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file = open_read(path)  # closed by close()
         self._map: mmap.mmap | None = (
             mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         )
@@ -238,17 +238,14 @@ def write_safetensors(
             f"the safetensors header for {path!r} would be {len(raw)} bytes, more than the "
             f"{MAX_HEADER} the format allows"
         )
-    from ._torchsave_writer import pwrite_all
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
+    with PositionalFile(path, create=True) as fd:
+        fd.pwrite_all(struct.pack("<Q", len(raw)) + raw, 0)
         pos = 8 + len(raw)
         for i, size in enumerate(sizes):
             written = 0
             for part in source(i):
                 data = part.reshape(-1).view(np.uint8)
-                pwrite_all(fd, data, pos + written)
+                fd.pwrite_all(data, pos + written)
                 written += data.nbytes
                 if progress is not None:
                     progress(data.nbytes)
@@ -257,9 +254,7 @@ def write_safetensors(
                     f"internal error: tensor {tensors[i][0]!r} got {written} of {size} bytes"
                 )
             pos += size
-        os.ftruncate(fd, pos)
-    finally:
-        os.close(fd)
+        fd.truncate(pos)
 
 
 # ------------------------------------------------------------------ zarrckpt mapping

@@ -15,16 +15,17 @@ import os
 from typing import Any
 
 from ..errors import CheckpointExistsError
-from ..storage._storage import _fsync_path, check_writable, new_staging_dir, publish, remove_tree
+from ..storage._files import is_dir
+from ..storage._local import open_store
 
 __all__ = ["StagedOutput", "check_output_file"]
 
 
 def check_output_file(path: str, overwrite: bool, what: str) -> None:
     """Refuse a directory, or an existing file without ``overwrite``, as the file ``path``."""
-    if os.path.isdir(path):
+    if is_dir(path):
         raise CheckpointExistsError(f"cannot write {what} {path!r}: it is a directory")
-    check_writable(path, overwrite=overwrite)
+    open_store(path).check_writable(overwrite=overwrite)
 
 
 class StagedOutput:
@@ -36,7 +37,9 @@ class StagedOutput:
 
     def __init__(self, dst: str) -> None:
         self.dst = dst
-        self.dir = new_staging_dir(dst)
+        self.staging = open_store(dst).stage()
+        #: a real local directory: the foreign writers (torch, safetensors, DCP) write there
+        self.dir = self.staging.local_dir
         self._published = False
 
     def __enter__(self) -> StagedOutput:
@@ -52,20 +55,18 @@ class StagedOutput:
     def publish_file(self, name: str, *, fsync: bool, synced: bool = False) -> None:
         """Make the member ``name`` durable (if asked; ``synced``: it already is) and
         rename it to ``dst``."""
-        tmp = self.path(name)
-        if fsync and not synced:
-            _fsync_path(tmp)
-        os.replace(tmp, self.dst)
-        if fsync:
-            _fsync_path(os.path.dirname(os.path.abspath(self.dst)))
+        # the destination was checked (check_output_file) before the writing began;
+        # an already durable member is not synced a second time
+        self.staging.publish_file(name, overwrite=True, fsync=fsync, synced=synced)
+        self._published = True
 
     def publish_dir(self, *, overwrite: bool, fsync: bool) -> None:
         """Move the whole staging directory to ``dst`` (atomically, see
-        :func:`zarrckpt.storage._storage.publish`)."""
-        publish(self.dir, self.dst, overwrite=overwrite, fsync=fsync)
+        :meth:`zarrckpt.storage._base.Staging.publish`)."""
+        self.staging.publish(overwrite=overwrite, fsync=fsync)
         self._published = True
 
     def abort(self) -> None:
         """Remove the staging directory and what is left in it."""
         if not self._published:
-            remove_tree(self.dir)
+            self.staging.abort()

@@ -10,7 +10,6 @@ through that map.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
 import warnings
@@ -32,6 +31,7 @@ from ..errors import (
 )
 from ..format._dtypes import DTypeInfo, info_for_torch, tensor_as_numpy
 from ..format._flatten import FlatState, encode_key, flatten_state_dict, is_stateful
+from ..storage._files import is_file, is_zip_file, open_read
 from ._pages import FileMappings
 
 __all__ = [
@@ -91,9 +91,9 @@ def load_torch_file(path: str, *, allow_pickle: bool) -> LoadedFile:
     CorruptCheckpointError
         The file is not a readable ``torch.save`` file.
     """
-    if not os.path.isfile(path):
+    if not is_file(path):
         raise CheckpointNotFoundError(f"no torch.save file at {path!r}")
-    mmapped = zipfile.is_zipfile(path)
+    mmapped = is_zip_file(path)
     unsafe = False
 
     def load(weights_only: bool) -> Any:
@@ -316,7 +316,7 @@ class ZipRecord:
 def zip_records(path: str) -> dict[int, ZipRecord]:
     """Stored records of a zip file keyed by the file offset of their data."""
     out: dict[int, ZipRecord] = {}
-    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+    with open_read(path) as f, zipfile.ZipFile(f) as zf:
         for info in zf.infolist():
             f.seek(info.header_offset)
             header = f.read(30)

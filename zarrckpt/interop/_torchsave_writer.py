@@ -23,7 +23,6 @@ renamed into place once complete.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedValueError
+from ..storage._files import PositionalFile, open_read
 from ._staged import StagedOutput, check_output_file
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "TensorStub",
     "StorageStub",
     "TorchSaveWriter",
-    "pwrite_all",
 ]
 
 _PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
@@ -169,17 +168,6 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-def pwrite_all(fd: int, data: Any, offset: int) -> None:
-    """``os.pwrite`` until every byte is written (one call writes at most ~2 GiB)."""
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
-        if n <= 0:
-            raise OSError(f"pwrite wrote {n} bytes")
-        done += n
-
-
 _ARCHIVE = "archive"
 
 
@@ -205,15 +193,15 @@ class TorchSaveWriter:
         # the archive's record prefix is the file's stem ("archive", as for a buffer)
         self.tmp_path = self._staged.path(_ARCHIVE)
         self._records: dict[str, StorageStub] = {}
-        self._fd: int | None = None
+        self._file: PositionalFile | None = None
 
     def __enter__(self) -> TorchSaveWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         self._staged.abort()
 
     def layout(self, obj: Any) -> list[StorageStub]:
@@ -254,16 +242,15 @@ class TorchSaveWriter:
         source: Callable[[StorageStub], Iterator[np.ndarray]],
     ) -> None:
         """Stream every stub's bytes (``source(stub)`` yields them in order) into its record."""
-        with open(self.tmp_path, "rb") as f, zipfile.ZipFile(f) as zf:
+        with open_read(self.tmp_path) as f, zipfile.ZipFile(f) as zf:
             infos = {i.filename.split("/", 1)[1]: i for i in zf.infolist()}
             start_dir = zf.start_dir
-        self._fd = os.open(self.tmp_path, os.O_RDWR)
-        fd = self._fd
+        self._file = fd = PositionalFile(self.tmp_path)
         crcs: dict[str, int] = {}
         for stub in stubs:
             name = f"data/{stub.key}"
             info = infos[name]
-            header = os.pread(fd, 30, info.header_offset)
+            header = fd.pread(30, info.header_offset)
             n, m = struct.unpack("<HH", header[26:30])
             offset = info.header_offset + 30 + n + m
             crc = 0
@@ -274,7 +261,7 @@ class TorchSaveWriter:
                     raise UnsupportedValueError(
                         f"internal error: more bytes than record {name!r} holds"
                     )
-                pwrite_all(fd, data, offset + written)
+                fd.pwrite_all(data, offset + written)
                 crc = zlib.crc32(data.data, crc)
                 written += data.nbytes
             if written != stub.nbytes:
@@ -282,31 +269,33 @@ class TorchSaveWriter:
                     f"internal error: record {name!r} got {written} of {stub.nbytes} bytes"
                 )
             crcs[info.filename] = crc
-            pwrite_all(fd, struct.pack("<I", crc), info.header_offset + 14)
+            fd.pwrite_all(struct.pack("<I", crc), info.header_offset + 14)
         self._patch_central_directory(fd, start_dir, crcs)
 
-    def _patch_central_directory(self, fd: int, start: int, crcs: dict[str, int]) -> None:
+    def _patch_central_directory(
+        self, fd: PositionalFile, start: int, crcs: dict[str, int]
+    ) -> None:
         pos = start
         left = dict(crcs)
         while left:
-            header = os.pread(fd, 46, pos)
+            header = fd.pread(46, pos)
             if len(header) < 46 or header[:4] != b"PK\x01\x02":
                 raise UnsupportedValueError(
                     f"internal error: central directory of {self.tmp_path!r} not understood"
                 )
             n, m, k = struct.unpack("<HHH", header[28:34])
-            name = os.pread(fd, n, pos + 46).decode("utf-8")
+            name = fd.pread(n, pos + 46).decode("utf-8")
             if name in left:
-                pwrite_all(fd, struct.pack("<I", left.pop(name)), pos + 16)
+                fd.pwrite_all(struct.pack("<I", left.pop(name)), pos + 16)
             pos += 46 + n + m + k
 
     def publish(self) -> None:
         """Make the file durable (if asked) and rename it to its destination."""
         synced = False
-        if self._fd is not None:
+        if self._file is not None:
             if self.fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+                self._file.fsync()
+            self._file.close()
+            self._file = None
             synced = True
         self._staged.publish_file(_ARCHIVE, fsync=self.fsync, synced=synced)

@@ -136,9 +136,13 @@ class Staging(ABC):
         another format, e.g. a DCP checkpoint)."""
 
     @abstractmethod
-    def publish_file(self, name: str, *, overwrite: bool, fsync: bool) -> None:
+    def publish_file(
+        self, name: str, *, overwrite: bool, fsync: bool, synced: bool = False
+    ) -> None:
         """Make the object ``name`` of the staging the location itself (a single
-        file such as a ``torch.save`` archive), then remove the staging."""
+        file such as a ``torch.save`` archive), then remove the staging. With
+        ``fsync`` the object is made durable first, unless ``synced`` says that
+        its writer already did."""
 
     @abstractmethod
     def abort(self) -> None:

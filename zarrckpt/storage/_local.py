@@ -282,12 +282,14 @@ class LocalStaging(Staging):
         if fsync:
             _posix.fsync_path(parent)
 
-    def publish_file(self, name: str, *, overwrite: bool, fsync: bool) -> None:
+    def publish_file(
+        self, name: str, *, overwrite: bool, fsync: bool, synced: bool = False
+    ) -> None:
         path = self._target()
         tmp = _join(self.directory, name)
         if not overwrite and os.path.lexists(path):
             raise CheckpointExistsError(f"{path!r} already exists")
-        if fsync:
+        if fsync and not synced:
             _posix.fsync_path(tmp)
         os.replace(tmp, path)
         if fsync:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
 from ...errors import CheckpointNotFoundError
+from ...storage._files import file_size, is_dir, is_file, is_zip_file, read_head
+from ...storage._local import open_store
 from ...storage._paths import check_path, make_parents
-from ...storage._storage import is_checkpoint_dir
 from .._staged import StagedOutput
 from ..dcp._source import is_dcp_dir
 from ._common import FORMATS, ConvertResult, PathLike, ProgressFn
@@ -25,12 +25,11 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
 
 def _looks_like_safetensors(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
+        head = read_head(path, 9)
         if len(head) < 9:
             return False
         (n,) = struct.unpack("<Q", head[:8])
-        return head[8:9] == b"{" and 8 + n <= os.path.getsize(path)
+        return head[8:9] == b"{" and 8 + n <= file_size(path)
     except OSError:
         return False
 
@@ -59,14 +58,14 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
             return "safetensors"
         if lower.endswith(_TORCH_SUFFIXES):
             return "torch"
-        if os.path.isdir(p):
-            if is_checkpoint_dir(p):
+        if is_dir(p):
+            if open_store(p).looks_like_checkpoint():
                 return "zarrckpt"
             if is_dcp_dir(p):
                 return "dcp"
         return "dcp" if src_format == "zarrckpt" else "zarrckpt"
-    if os.path.isdir(p):
-        if is_checkpoint_dir(p):
+    if is_dir(p):
+        if open_store(p).looks_like_checkpoint():
             return "zarrckpt"
         if is_dcp_dir(p):
             return "dcp"
@@ -74,11 +73,11 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
             f"{p!r} is a directory but neither a zarrckpt checkpoint nor a DCP checkpoint "
             "(no zarr.json manifest, no .metadata)"
         )
-    if not os.path.isfile(p):
+    if not is_file(p):
         raise CheckpointNotFoundError(f"no file or directory at {p!r}")
     if lower.endswith(".safetensors"):
         return "safetensors"
-    if zipfile.is_zipfile(p) or lower.endswith(_TORCH_SUFFIXES):
+    if is_zip_file(p) or lower.endswith(_TORCH_SUFFIXES):
         return "torch"
     if _looks_like_safetensors(p):
         return "safetensors"

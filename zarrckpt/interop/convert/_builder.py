@@ -12,7 +12,6 @@ fails or is interrupted leaves the destination as it was.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -23,20 +22,13 @@ import numpy as np
 import torch
 
 from ...errors import InvalidKeyError
-from ...format import _chunkio
-from ...format._chunkio import encode_chunk
+from ...format._codec import encode_chunk
 from ...format._dtypes import info_for_torch
 from ...format._flatten import pickle_value
 from ...format._layout import ArrayLayout, choose_layout
 from ...format._metadata import ArrayEntry, array_path, root_document
 from ...parallel._writer import _WRITEBACK_MIN_BYTES, write_metadata
-from ...storage._storage import (
-    check_writable,
-    commit,
-    new_staging_dir,
-    remove_tree,
-    sync_tree,
-)
+from ...storage._local import open_store
 
 __all__ = ["CheckpointBuilder", "ProgressFn", "ProgressTracker"]
 
@@ -106,8 +98,9 @@ class CheckpointBuilder:
         self.chunk_bytes = chunk_bytes
         self.inner_chunk_bytes = inner_chunk_bytes
         self.threads = max(1, threads)
-        check_writable(path, overwrite=overwrite)
-        self.staging = new_staging_dir(path)
+        self.store = open_store(path)
+        self.store.check_writable(overwrite=overwrite)
+        self.staging = self.store.stage()
         self.entries: list[ArrayEntry] = []
         self._paths: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zarrckpt-convert")
@@ -133,7 +126,7 @@ class CheckpointBuilder:
             p.future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
-        remove_tree(self.staging)
+        self.staging.abort()
 
     # ------------------------------------------------------------ arrays
     def _claim(self, entry: ArrayEntry) -> None:
@@ -205,17 +198,15 @@ class CheckpointBuilder:
     # ------------------------------------------------------------ chunks
     def _write_one(self, entry: ArrayEntry, index: tuple[int, ...], source: np.ndarray,
                    origin: tuple[int, ...]) -> int:
-        path = os.path.join(self.staging, entry.path, *entry.layout.chunk_key(index).split("/"))
-        parent = os.path.dirname(path)
+        key = f"{entry.path}/{entry.layout.chunk_key(index)}"
+        parent = key.rpartition("/")[0]
         if parent not in self._made_dirs:
-            os.makedirs(parent, exist_ok=True)
+            self.staging.ensure_dir(parent)
             self._made_dirs.add(parent)
         buffers = encode_chunk(entry.layout, index, source, origin)
-        # looked up on the module so tests can inject write failures; with fsync, large
-        # chunks start their writeback at once (as zarrckpt.save does)
-        if self.fsync and entry.layout.chunk_nbytes >= _WRITEBACK_MIN_BYTES:
-            return _chunkio.write_file(path, buffers, writeback=True)
-        return _chunkio.write_file(path, buffers)
+        # with fsync, large chunks start their writeback at once (as zarrckpt.save does)
+        writeback = self.fsync and entry.layout.chunk_nbytes >= _WRITEBACK_MIN_BYTES
+        return self.staging.write_chunk(key, buffers, writeback=writeback)
 
     def _collect(self, block: bool) -> None:
         """Wait for finished writes (for at least one when ``block``), raise their errors."""
@@ -288,10 +279,8 @@ class CheckpointBuilder:
             tree=tree, entries=self.entries, checkpoint_id=checkpoint_id, extra=extra
         )
         if self.fsync:
-            sync_tree(self.staging)
-        commit(
-            self.staging, self.path, root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync
-        )
+            self.staging.sync()
+        self.staging.commit(root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync)
         self._closed = True
 
     def _check_tree(self, tree: dict[str, Any]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,11 +20,12 @@ import numpy as np
 import torch
 
 from ...errors import CheckpointExistsError, UnsupportedValueError
-from ...format._chunkio import crc32c
+from ...format._codec import crc32c
 from ...format._dtypes import numpy_as_tensor
 from ...parallel._reader import CheckpointFiles, ReadRequest
+from ...storage._files import is_dir, is_link, lexists, list_dir, read_bytes, write_bytes
+from ...storage._local import open_store
 from ...storage._paths import make_parents
-from ...storage._storage import is_checkpoint_dir
 from .._staged import StagedOutput
 from .._torchsave_writer import decode_for_pickle
 from ._source import METADATA_FILE, SIDECAR, is_dcp_dir
@@ -38,16 +38,16 @@ __all__ = ["check_dcp_writable", "save_streaming"]
 
 def check_dcp_writable(path: str, *, overwrite: bool) -> None:
     """Refuse to replace anything but a DCP or zarrckpt checkpoint or an empty directory."""
-    if not os.path.lexists(path):
+    if not lexists(path):
         make_parents(path)
         return
     if not overwrite:
         raise CheckpointExistsError(
             f"{path!r} already exists; pass overwrite=True to replace it (atomically)"
         )
-    if not os.path.isdir(path) or os.path.islink(path):
+    if not is_dir(path) or is_link(path):
         raise CheckpointExistsError(f"refusing to overwrite {path!r}: it is not a directory")
-    if os.listdir(path) and not (is_dcp_dir(path) or is_checkpoint_dir(path)):
+    if list_dir(path) and not (is_dcp_dir(path) or open_store(path).looks_like_checkpoint()):
         raise CheckpointExistsError(
             f"refusing to overwrite {path!r}: it is a non-empty directory that is not a "
             "DCP or zarrckpt checkpoint"
@@ -190,14 +190,10 @@ def save_streaming(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(state, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
-        with open(staged.path(METADATA_FILE), "rb") as raw:
-            metadata_crc = crc32c(raw.read())
+        metadata_crc = crc32c(read_bytes(staged.path(METADATA_FILE)))
         sidecar: dict[str, Any] = {"metadata_crc32c": metadata_crc, "tree": files.tree}
         if record:
             sidecar["convert"] = record
-        with open(staged.path(SIDECAR), "w", encoding="utf-8") as out:
-            json.dump(sidecar, out, ensure_ascii=False)
-            if fsync:
-                out.flush()
-                os.fsync(out.fileno())
+        text = json.dumps(sidecar, ensure_ascii=False)
+        write_bytes(staged.path(SIDECAR), text.encode("utf-8"), fsync=fsync)
         staged.publish_dir(overwrite=overwrite, fsync=fsync)

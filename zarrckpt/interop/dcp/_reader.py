@@ -31,8 +31,9 @@ from ...format._dtypes import numpy_as_tensor, tensor_as_numpy
 from ...format._metadata import ArrayEntry
 from ...parallel._reader import CheckpointFiles, ReadRequest
 from ...parallel._writer import default_threads
+from ...storage._files import is_dir
+from ...storage._local import open_store
 from ...storage._paths import check_path
-from ...storage._storage import is_checkpoint_dir
 from .._torchsave_writer import decode_for_pickle
 from ._tree import STORAGE_TAG, DcpLeaf, dcp_leaves
 
@@ -99,7 +100,7 @@ class ZarrStorageReader(StorageReader):
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
         """True when ``checkpoint_id`` is a local zarrckpt checkpoint directory."""
         path = os.fspath(checkpoint_id)
-        return "://" not in path and os.path.isdir(path) and is_checkpoint_dir(path)
+        return "://" not in path and is_dir(path) and open_store(path).looks_like_checkpoint()
 
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new load, from ``checkpoint_id`` when given."""

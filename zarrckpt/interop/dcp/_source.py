@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from ...format._chunkio import crc32c
+from ...format._codec import crc32c
+from ...storage._files import file_size, is_dir, is_file, open_read, read_bytes
 from .._torchsave_source import bytes_allowed
 from ._tree import _is_terminal, _key_str, dcp_leaves, tree_from_leaves
 
@@ -67,7 +68,7 @@ _ALLOWED: set[tuple[str, str]] = {
 
 def is_dcp_dir(path: str) -> bool:
     """True for a directory holding DCP's ``.metadata``."""
-    return os.path.isfile(os.path.join(path, METADATA_FILE))
+    return is_file(os.path.join(path, METADATA_FILE))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -133,12 +134,11 @@ def read_metadata(path: str, *, allow_pickle: bool) -> tuple[Any, bytes]:
     from torch.distributed.checkpoint.metadata import Metadata
 
     file = os.path.join(path, METADATA_FILE)
-    if not os.path.isdir(path) or not os.path.isfile(file):
+    if not is_dir(path) or not is_file(file):
         raise CheckpointNotFoundError(
             f"no DCP checkpoint at {path!r} (expected a directory holding {METADATA_FILE!r})"
         )
-    with open(file, "rb") as f:
-        raw = f.read()
+    raw = read_bytes(file)
     try:
         if allow_pickle:
             metadata = pickle.loads(raw)
@@ -223,7 +223,7 @@ class DcpSource:
             )
         start, length = int(info.offset), int(info.length)
         try:
-            size = os.path.getsize(file)
+            size = file_size(file)
         except OSError:
             raise CorruptCheckpointError(
                 f"DCP checkpoint {self.path!r}: data file {info.relative_path!r} of item "
@@ -234,7 +234,7 @@ class DcpSource:
                 f"DCP checkpoint {self.path!r}: item {fqn!r} lies at bytes "
                 f"[{start}, {start + length}) of {info.relative_path!r}, which has {size}"
             )
-        with open(file, "rb") as f:
+        with open_read(file) as f:
             stream: Any = _create_file_view(f, start, length)
             descriptors = getattr(info, "transform_descriptors", None) or ()
             if descriptors:
@@ -293,8 +293,7 @@ class DcpSource:
         """zarrckpt's record beside the checkpoint, if it was written for this ``.metadata``."""
         file = os.path.join(self.path, SIDECAR)
         try:
-            with open(file, encoding="utf-8") as f:
-                record = json.load(f)
+            record = json.loads(read_bytes(file).decode("utf-8"))
         except (OSError, ValueError):
             return {}
         if not isinstance(record, dict) or record.get("metadata_crc32c") != self.metadata_crc:

@@ -18,23 +18,18 @@ from torch.futures import Future
 from ...errors import DistributedSaveError, UnsupportedValueError
 from ...format._dtypes import info_for_torch
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
+from ...format._marker import COMMIT_GROUP, ROOT_METADATA
 from ...format._metadata import ArrayEntry, parse_entry
 from ...parallel._writer import ChunkWrite, default_threads, write_arrays
+from ...storage._files import is_dir, lexists
 from ...storage._inplace import (
     check_collisions,
     choose_target,
     commit_in_place,
     new_inner_staging_dir,
 )
+from ...storage._local import as_staging, open_store
 from ...storage._paths import check_path, wait_visible
-from ...storage._storage import (
-    COMMIT_GROUP,
-    ROOT_METADATA,
-    commit,
-    new_staging_dir,
-    remove_tree,
-    sync_tree,
-)
 from ._tree import STORAGE_TAG
 from ._values import encode_byte_value, resolve_tensor
 from ._write_plan import build_root, plan_dcp_arrays
@@ -139,9 +134,9 @@ class ZarrStorageWriter(StorageWriter):
         if "://" in path or not path:
             return False
         ancestor = os.path.dirname(os.path.abspath(path))
-        while not os.path.lexists(ancestor):
+        while not lexists(ancestor):
             ancestor = os.path.dirname(ancestor)
-        return os.path.isdir(ancestor)
+        return is_dir(ancestor)
 
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new save, at ``checkpoint_id`` when given."""
@@ -220,11 +215,11 @@ class ZarrStorageWriter(StorageWriter):
             check_collisions(self.path, names)
             self._staging = new_inner_staging_dir(self.path)
         else:
-            self._staging = new_staging_dir(self.path)
+            self._staging = open_store(self.path).stage().token
         # DCP has no abort hook: a save that fails after this point (on any rank)
         # never reaches finish(); the directory then goes with the writer (or the
         # interpreter), or at the writer's next save, whichever comes first
-        self._cleanup = weakref.finalize(self, remove_tree, self._staging)
+        self._cleanup = weakref.finalize(self, as_staging(self._staging).abort)
         self._entries = {e.fqn: e for e in entries}
         try:
             out = []
@@ -352,7 +347,7 @@ class ZarrStorageWriter(StorageWriter):
             )
         write_arrays(staging, metadata, chunk_writes, threads=self.threads, fsync=self.fsync)
         if self.fsync:
-            sync_tree(staging)
+            as_staging(staging).sync()
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -388,7 +383,9 @@ class ZarrStorageWriter(StorageWriter):
             commit_in_place(staging, self.path, root, checkpoint_id, fsync=self.fsync)
         else:
             overwrite = self.overwrite or self._mode == "replace"
-            commit(staging, self.path, root, checkpoint_id, overwrite=overwrite, fsync=self.fsync)
+            open_store(self.path).attach(staging).commit(
+                root, checkpoint_id, overwrite=overwrite, fsync=self.fsync
+            )
 
 
 def _world_size() -> int:
