@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -207,3 +208,37 @@ def test_staging_writes_do_not_follow_a_symlink(tmp_path: Any, resolver: str) ->
             write()
     assert victim.read_bytes() == b"keep"
     staging.abort()
+
+
+# ----------------------------------------------------------------- converter inputs
+
+
+def _dcp_save(state: dict[str, Any], path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=path, no_dist=True)
+
+
+def test_dcp_source_with_symlinked_files_is_refused(tmp_path: Any) -> None:
+    """A DCP directory's data files and ``.metadata`` must not be symbolic links
+    (the DCP directory path itself may be one)."""
+    from zarrckpt import convert
+
+    state = {"w": torch.arange(6, dtype=torch.float32)}
+    src = str(tmp_path / "dcp")
+    _dcp_save(state, src)
+    link = str(tmp_path / "dcp-link")
+    os.symlink(src, link)
+    convert.from_dcp(link, str(tmp_path / "ok"), fsync=False)  # a linked directory is fine
+    data = [n for n in os.listdir(src) if n.endswith(".distcp")][0]
+    for name in (data, ".metadata"):
+        copy = str(tmp_path / f"copy-{name}")
+        shutil.copy(os.path.join(src, name), copy)
+        _swap_for_link(os.path.join(src, name), copy)
+        with pytest.raises(CorruptCheckpointError, match="symbolic link") as info:
+            convert.from_dcp(src, str(tmp_path / f"out-{name}"), fsync=False)
+        assert src in str(info.value) and name in str(info.value)
+        os.remove(os.path.join(src, name))
+        shutil.move(copy, os.path.join(src, name))

@@ -164,18 +164,22 @@ class LocalStore(Store):
                 "only regular files and directories (no symbolic links, devices or FIFOs, "
                 "no '..'), and zarrckpt never reads outside the checkpoint directory"
             )
-        if e.errno == errno.ENOENT and self._pin:
-            try:
-                gone = os.fstat(self._pin[0].fd).st_nlink == 0
-            except OSError:
-                gone = False
-            if gone:
-                return CorruptCheckpointError(
-                    f"checkpoint {self.path!r} was replaced or deleted while it was being "
-                    f"read ({key!r} is gone): nothing of the new checkpoint was mixed in; "
-                    "read it again"
-                )
+        if e.errno == errno.ENOENT and self._pin and self._replaced():
+            return CorruptCheckpointError(
+                f"checkpoint {self.path!r} was replaced or deleted while it was being "
+                f"read ({key!r} is gone): nothing of the new checkpoint was mixed in; "
+                "read it again"
+            )
         return e
+
+    def _replaced(self) -> bool:
+        """True when the held directory is no longer the one at the path."""
+        try:
+            held = os.fstat(self._pin[0].fd)
+            now = os.stat(self.path)
+        except (OSError, IndexError):
+            return True
+        return held.st_nlink == 0 or (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
 
     def _open(self, key: str, flags: int) -> int:
         try:
