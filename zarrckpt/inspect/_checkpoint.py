@@ -208,6 +208,8 @@ class Checkpoint:
         register_zarr_dtypes()
         entry = self._entry(fqn)
         self._files.check_metadata(entry)
+        # zarr-python opens the array's files by path: refuse links and FIFOs first
+        self._files.store.check_entries(entry.path)
         store = LocalStore(self.path, read_only=True)
         try:
             return zarr.open_array(store, path=entry.path, mode="r")

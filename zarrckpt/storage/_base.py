@@ -268,6 +268,27 @@ class Store(ABC):
         except (OSError, ValueError, AttributeError):
             return False
 
+    def check_entries(self, key: str) -> None:
+        """Refuse a prefix holding anything but objects and prefixes (for readers
+        that open keys below ``key`` by path themselves, such as zarr-python's).
+
+        Raises
+        ------
+        CorruptCheckpointError
+            An entry below ``key`` is a symbolic link, a device, a FIFO, ...
+        """
+        for name in self.list_dir(key):
+            sub = f"{key}/{name}" if key else name
+            kind = self.kind(sub)
+            if kind == "dir":
+                self.check_entries(sub)
+            elif kind != "file":
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.path!r}: entry {sub!r} is not a regular file or "
+                    "directory (a symbolic link, a device or a FIFO); a checkpoint holds only "
+                    "regular files and directories"
+                )
+
     # ------------------------------------------------------------------ writing
 
     @abstractmethod

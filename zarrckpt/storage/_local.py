@@ -19,12 +19,16 @@ call time (``_posix.write_file(...)``) so that tests can inject faults there.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
+import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointExistsError, InvalidPathError
+from ..errors import CheckpointExistsError, CorruptCheckpointError, InvalidPathError
 from ..format._marker import (
     COMMIT_GROUP,
     COMMIT_MARKER,
@@ -59,11 +63,11 @@ def _join(root: str, key: str) -> str:
 
 
 class LocalRangeReader(RangeReader):
-    """A file open for ``preadv``."""
+    """A file open for ``preadv`` (takes ownership of the descriptor)."""
 
-    def __init__(self, path: str) -> None:
-        self._fd: int | None = os.open(path, os.O_RDONLY)
-        self._size: int | None = None
+    def __init__(self, fd: int, size: int | None = None) -> None:
+        self._fd: int | None = fd
+        self._size = size
 
     @property
     def size(self) -> int:
@@ -84,9 +88,37 @@ class LocalRangeReader(RangeReader):
             os.close(fd)
 
 
+class _DirHandle:
+    """An open checkpoint directory, closed when the last store holding it goes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+_PIN_LOCK = threading.Lock()
+#: open flags of a regular file read (O_NONBLOCK: a FIFO must not block the open)
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
+_PROBE_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
+
+
 @dataclass(frozen=True)
 class LocalStore(Store):
     """A checkpoint directory on a local or shared POSIX filesystem.
+
+    The directory itself is found by its path as given (a symbolic link to a
+    directory is fine) and held open from the first read on: every entry is
+    then opened relative to it, beneath it and without following a symbolic
+    link (:func:`~zarrckpt.storage._posix.open_beneath`). So a store that has
+    read a checkpoint keeps reading that checkpoint even if a save with
+    ``overwrite=True`` publishes another one at the path meanwhile; when the
+    old one is deleted under it, reads raise
+    :class:`~zarrckpt.errors.CorruptCheckpointError` saying so. A pickled store
+    (a dask task) opens the path again where it is unpickled.
 
     Parameters
     ----------
@@ -95,25 +127,142 @@ class LocalStore(Store):
     """
 
     path: str
+    _pin: list[_DirHandle] = field(default_factory=list, compare=False, repr=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the open directory stays in this process
+        return (type(self), (self.path,))
+
+    # ------------------------------------------------------------------ the open root
+
+    def _root(self) -> tuple[int, bool]:
+        """``(fd, owned)``: the pinned checkpoint directory, or the path opened now
+        (following the user's path; ``owned``: the caller closes it)."""
+        pin = self._pin
+        if pin:
+            return pin[0].fd, False
+        return os.open(self.path, _DIR_FLAGS), True
+
+    def pin(self) -> None:
+        """Hold the directory now at the path open and read only from it from now on
+        (:meth:`read_committed_root` does it; nothing there: nothing is held)."""
+        try:
+            handle = _DirHandle(os.open(self.path, _DIR_FLAGS))
+        except OSError:
+            handle = None
+        with _PIN_LOCK:
+            self._pin[:] = [handle] if handle is not None else []
+
+    def read_committed_root(self) -> dict[str, Any]:
+        self.pin()
+        return super().read_committed_root()
+
+    def _error(self, e: OSError, key: str) -> Exception:
+        """A checkpoint error for ``e`` raised while opening ``key``, or ``e``."""
+        if isinstance(e, _posix.UnsafeEntryError):
+            return CorruptCheckpointError(
+                f"checkpoint {self.path!r}: entry {key!r} {e.reason}; a checkpoint holds "
+                "only regular files and directories (no symbolic links, devices or FIFOs, "
+                "no '..'), and zarrckpt never reads outside the checkpoint directory"
+            )
+        if e.errno == errno.ENOENT and self._pin and self._replaced():
+            return CorruptCheckpointError(
+                f"checkpoint {self.path!r} was replaced or deleted while it was being "
+                f"read ({key!r} is gone): nothing of the new checkpoint was mixed in; "
+                "read it again"
+            )
+        return e
+
+    def _replaced(self) -> bool:
+        """True when the held directory is no longer the one at the path."""
+        try:
+            held = os.fstat(self._pin[0].fd)
+            now = os.stat(self.path)
+        except (OSError, IndexError):
+            return True
+        return held.st_nlink == 0 or (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
+
+    def _open(self, key: str, flags: int) -> int:
+        try:
+            root, owned = self._root()
+            try:
+                return _posix.open_beneath(root, key, flags)
+            finally:
+                if owned:
+                    os.close(root)
+        except OSError as e:
+            raise self._error(e, key) from None
+
+    def _open_regular(self, key: str) -> tuple[int, int]:
+        """``(fd, size)`` of the regular file ``key``, opened for reading."""
+        fd = self._open(key, _READ_FLAGS)
+        try:
+            return fd, _posix.check_regular(fd, key).st_size
+        except OSError as e:
+            raise self._error(e, key) from None
+
+    def _probe(self, key: str) -> tuple[int, int] | None:
+        """``(st_mode, st_size)`` of ``key`` below the root (None: nothing there);
+        a symbolic link anywhere on the way gives ``(S_IFLNK, 0)``."""
+        try:
+            root, owned = self._root()
+            try:
+                fd = _posix.open_beneath(root, key, _PROBE_FLAGS)
+            finally:
+                if owned:
+                    os.close(root)
+        except _posix.UnsafeEntryError:
+            return stat.S_IFLNK, 0
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return st.st_mode, st.st_size
 
     # ------------------------------------------------------------------ probing
 
     def kind(self, key: str = "") -> Kind:
-        p = _join(self.path, key)
-        if os.path.isdir(p):
+        if not key:
+            p = self.path
+            if os.path.isdir(p):
+                return "dir"
+            if os.path.isfile(p):
+                return "file"
+            return "other" if os.path.exists(p) else "missing"
+        probed = self._probe(key)
+        if probed is None:
+            return "missing"
+        if stat.S_ISDIR(probed[0]):
             return "dir"
-        if os.path.isfile(p):
-            return "file"
-        return "other" if os.path.exists(p) else "missing"
+        return "file" if stat.S_ISREG(probed[0]) else "other"
 
     def exists(self, key: str) -> bool:
-        return os.path.lexists(_join(self.path, key))
+        return self._probe(key) is not None
 
     def size(self, key: str) -> int:
-        return os.stat(_join(self.path, key)).st_size
+        probed = self._probe(key)
+        if probed is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", self.location(key))
+        mode, size = probed
+        if not stat.S_ISREG(mode):
+            reason = f"is {_posix.describe_mode(mode)}, not a regular file"
+            raise self._error(_posix.UnsafeEntryError(key, reason), key)
+        return size
 
     def list_dir(self, key: str = "") -> list[str]:
-        return sorted(os.listdir(_join(self.path, key)))
+        if not key:
+            root, owned = self._root()
+            try:
+                return sorted(os.listdir(root))
+            finally:
+                if owned:
+                    os.close(root)
+        fd = self._open(key, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
 
     def location(self, key: str = "") -> str:
         return _join(self.path, key)
@@ -121,10 +270,15 @@ class LocalStore(Store):
     # ------------------------------------------------------------------ reading
 
     def read_small(self, key: str) -> bytes:
-        return _posix.read_small(_join(self.path, key))
+        fd, _size = self._open_regular(key)
+        try:
+            return _posix.read_fd(fd)
+        finally:
+            os.close(fd)
 
     def open_reader(self, key: str) -> LocalRangeReader:
-        return LocalRangeReader(_join(self.path, key))
+        fd, size = self._open_regular(key)
+        return LocalRangeReader(fd, size)
 
     def missing_error(self) -> Exception:
         return missing_path_error(self.path)
@@ -144,6 +298,7 @@ class LocalStore(Store):
         """
         from ._inplace import foreign_entries  # builds on this module's helpers
 
+        self._pin.clear()  # a store that writes reads what is at the path from now on
         path = self.path
         if not os.path.lexists(path):
             make_parents(path)
@@ -277,8 +432,18 @@ class LocalStaging(Staging):
                 os.rename(path, trash)
                 os.rename(staging, path)
                 _posix.remove_tree(trash)
-        elif not _posix._renameat2(staging, path, _posix._RENAME_NOREPLACE):
-            os.rename(staging, path)
+        else:
+            try:
+                if not _posix._renameat2(staging, path, _posix._RENAME_NOREPLACE):
+                    os.rename(staging, path)
+            except OSError as e:
+                # another save published at the path since the check (a lost race)
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                raise CheckpointExistsError(
+                    f"checkpoint path {path!r} already exists: another save published a "
+                    "checkpoint there while this one was being written (overwrite=False)"
+                ) from None
         if fsync:
             _posix.fsync_path(parent)
 

@@ -18,6 +18,8 @@ import ctypes.util
 import errno
 import os
 import shutil
+import stat
+import sys
 from typing import Any
 
 from ..format._json import dumps_json
@@ -26,8 +28,13 @@ from ..format._marker import COMMIT_MARKER
 __all__ = [
     "COMMIT_MARKER",
     "WRITEBACK_MIN_BYTES",
+    "UnsafeEntryError",
     "fsync_path",
     "mkdir_fast",
+    "check_regular",
+    "describe_mode",
+    "open_beneath",
+    "read_fd",
     "preadv",
     "pwrite_all",
     "read_small",
@@ -86,6 +93,167 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
     raise OSError(err, os.strerror(err), src, None, dst)
 
 
+# ------------------------------------------------------------------ path safety
+
+#: ``openat2`` (Linux >= 5.6) has the same number on x86_64 and aarch64
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat2_available() -> bool:
+    return (
+        _LIBC is not None
+        and sys.platform.startswith("linux")
+        and os.uname().machine in ("x86_64", "aarch64")
+        and hasattr(_LIBC, "syscall")
+    )
+
+
+#: whether :func:`open_beneath` tries ``openat2`` (cleared when the kernel lacks it;
+#: tests clear it to exercise the per-component fallback)
+USE_OPENAT2 = _openat2_available()
+
+
+class UnsafeEntryError(OSError):
+    """An entry below a checkpoint root that zarrckpt refuses to open: a symbolic
+    link, a ``..`` or empty component, or something other than a regular file
+    or directory (a device, a FIFO, a socket). ``filename`` is the key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(errno.ELOOP, reason, key)
+        self.reason = reason
+
+
+def _check_components(key: str) -> list[str]:
+    parts = key.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafeEntryError(key, f"has a {part or 'empty'!r} path component")
+    return parts
+
+
+def _openat2(dir_fd: int, key: str, flags: int, mode: int) -> int | None:
+    """``openat2(dir_fd, key, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``; None when the
+    kernel lacks the call."""
+    global USE_OPENAT2
+    how = _OpenHow(
+        flags | os.O_CLOEXEC,
+        mode if flags & os.O_CREAT or (_O_TMPFILE and flags & _O_TMPFILE == _O_TMPFILE) else 0,
+        _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS,
+    )
+    fd = _LIBC.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(os.fsencode(key)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd >= 0:
+        return int(fd)
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        USE_OPENAT2 = False
+        return None
+    if err in (errno.ELOOP, errno.EXDEV):
+        raise UnsafeEntryError(key, "is or passes through a symbolic link")
+    raise OSError(err, os.strerror(err), key)
+
+
+def _open_walk(dir_fd: int, key: str, flags: int, mode: int) -> int:
+    """The fallback of :func:`open_beneath`: one ``openat(O_NOFOLLOW)`` per component."""
+    parts = key.split("/")
+    fd = dir_fd
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise UnsafeEntryError(key, "passes through a symbolic link") from None
+                raise
+            if fd != dir_fd:
+                os.close(fd)
+            fd = nfd
+        try:
+            return os.open(parts[-1], flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeEntryError(key, "is a symbolic link") from None
+            if e.errno == errno.ENOTDIR and flags & os.O_DIRECTORY:
+                st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafeEntryError(key, "is a symbolic link") from None
+            raise
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+
+
+def open_beneath(dir_fd: int, key: str, flags: int, mode: int = 0o644) -> int:
+    """Open ``key`` (``/``-separated) below the directory ``dir_fd`` without
+    following any symbolic link and without leaving it.
+
+    Uses ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` where the kernel has
+    it (Linux >= 5.6), else one ``openat(O_NOFOLLOW)`` per component. Open
+    ``O_PATH`` to probe an entry; an ``O_PATH`` descriptor of the fallback may
+    refer to a symbolic link itself (check ``S_ISLNK``).
+
+    Raises
+    ------
+    UnsafeEntryError
+        ``key`` is or passes through a symbolic link, or has a ``..``, ``.``
+        or empty component.
+    OSError
+        As ``open`` (``FileNotFoundError`` for a missing entry).
+    """
+    _check_components(key)
+    if USE_OPENAT2:
+        fd = _openat2(dir_fd, key, flags, mode)
+        if fd is not None:
+            return fd
+    return _open_walk(dir_fd, key, flags, mode)
+
+
+def check_regular(fd: int, key: str) -> os.stat_result:
+    """``fstat`` of an open entry; refuse (and close) anything but a regular file."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeEntryError(key, f"is {describe_mode(st.st_mode)}, not a regular file")
+    return st
+
+
+def describe_mode(mode: int) -> str:
+    """``a symbolic link``, ``a FIFO``, ... for an ``st_mode``."""
+    for test, text in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return text
+    return "a special file"
+
+
+def read_fd(fd: int) -> bytes:
+    """Whole content of an open file (from its current offset)."""
+    parts = [os.read(fd, os.fstat(fd).st_size + 1)]
+    while parts[-1]:
+        parts.append(os.read(fd, 1 << 16))
+    return b"".join(parts)
+
+
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing ``nbytes`` at ``offset`` back to disk (no wait).
 
@@ -105,7 +273,7 @@ def write_file(
     being written (see :func:`start_writeback`), so that a later fsync/syncfs
     has little left to wait for.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     total = 0
     flushed = 0
     try:
@@ -162,7 +330,7 @@ def mkdir_fast(path: str) -> None:
 
 def write_small(path: str, data: bytes) -> None:
     """Write a small new file with three syscalls (no buffered-file machinery)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -175,22 +343,21 @@ def read_small(path: str) -> bytes:
     """Whole content of a small file (open, fstat, read, close)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while parts[-1]:
-            parts.append(os.read(fd, 1 << 16))
+        return read_fd(fd)
     finally:
         os.close(fd)
-    return b"".join(parts)
 
 
 def write_json(path: str, document: Any, *, fsync: bool = False) -> bytes:
     """Write ``document`` as UTF-8 JSON (durably if ``fsync``); return the bytes written."""
     data = dumps_json(document).encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        pwrite_all(fd, data, 0)
         if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     return data
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from ...format._codec import crc32c
-from ...storage._files import file_size, is_dir, is_file, open_read, read_bytes
+from ...storage._files import file_size, is_dir, is_file, is_link, open_read, read_bytes
 from .._torchsave_source import bytes_allowed
 from ._tree import _is_terminal, _key_str, dcp_leaves, tree_from_leaves
 
@@ -138,6 +138,11 @@ def read_metadata(path: str, *, allow_pickle: bool) -> tuple[Any, bytes]:
         raise CheckpointNotFoundError(
             f"no DCP checkpoint at {path!r} (expected a directory holding {METADATA_FILE!r})"
         )
+    if is_link(file):
+        raise CorruptCheckpointError(
+            f"DCP checkpoint {path!r}: {METADATA_FILE!r} is a symbolic link; the files of a "
+            "DCP checkpoint must be regular files inside its directory"
+        )
     raw = read_bytes(file)
     try:
         if allow_pickle:
@@ -215,11 +220,13 @@ class DcpSource:
                 + (f" at {list(offset)}" if offset is not None else "")
             )
         root = os.path.realpath(self.path)
-        file = os.path.realpath(os.path.join(root, str(info.relative_path)))
-        if os.path.commonpath([root, file]) != root:
+        joined = os.path.normpath(os.path.join(root, str(info.relative_path)))
+        file = os.path.realpath(joined)
+        if os.path.commonpath([root, file]) != root or file != joined:
             raise CorruptCheckpointError(
                 f"DCP checkpoint {self.path!r}: item {fqn!r} points outside the checkpoint "
-                f"({info.relative_path!r})"
+                f"or through a symbolic link ({info.relative_path!r}); the files of a DCP "
+                "checkpoint must be regular files inside its directory"
             )
         start, length = int(info.offset), int(info.length)
         try:
