@@ -326,25 +326,7 @@ class Output:
         if self.json or not _isatty(self.stderr):
             yield None
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(file=self.stderr),
-            transient=True,
-        )
+        bar = rich_progress(self.stderr)
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
@@ -352,6 +334,30 @@ class Output:
 
         with bar:
             yield update
+
+
+def rich_progress(stderr: Any, *, tensors: bool = False) -> Any:
+    """A transient rich progress bar on ``stderr``: bytes, speed, ETA, and with
+    ``tensors`` a ``{task.fields[tensors]} tensors`` column."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns: list[Any] = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+    ]
+    if tensors:
+        columns.append(TextColumn("{task.fields[tensors]} tensors"))
+    columns += [TransferSpeedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=Console(file=stderr), transient=True)
 
 
 def _isatty(stream: Any) -> bool:

@@ -103,30 +103,11 @@ class _ProgressContext:
         self.bar: Any = None
 
     def __enter__(self) -> ProgressFn | None:
-        from . import _isatty
+        from . import _isatty, rich_progress
 
         if not self.enabled or getattr(self.out, "json", False) or not _isatty(self.out.stderr):
             return None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TextColumn("{task.fields[tensors]} tensors"),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(file=self.out.stderr),
-            transient=True,
-        )
+        self.bar = rich_progress(self.out.stderr, tensors=True)
         task = self.bar.add_task(self.description, total=None, tensors="0/?")
         bar = self.bar
 
