@@ -185,6 +185,8 @@ def property_reshard(rank: int, world_size: int, root: str, max_examples: int) -
 
 
 def manifest_chunks(path: str) -> dict[str, Any]:
+    """Per array, the shape of the unit a reader fetches: the inner chunk of a shard
+    file (format 3: each rank's piece, when not cut further), else the chunk."""
     with open(os.path.join(path, "zarr.json")) as f:
         arrays = json.load(f)["attributes"]["zarrckpt"]["arrays"]
-    return {k: v["chunk_shape"] for k, v in arrays.items()}
+    return {k: v["inner_chunk_shape"] or v["chunk_shape"] for k, v in arrays.items()}

@@ -25,7 +25,7 @@ from _inspect_fixtures import PRODUCERS, SMALL_CHUNKS, Produced, get_produced
 
 import zarrckpt
 from zarrckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from zarrckpt.format._marker import COMMIT_MARKER
+from zarrckpt.format._marker import COMMIT_MARKER, FORMAT_VERSION
 from zarrckpt.inspect import PickledInfo, TensorInfo, _scan, verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_info(produced: Produced) -> None:
     ckpt = zarrckpt.open(produced.before)
     info = ckpt.info()
     ref = produced.before_tensors
-    assert info.format_version == 2
+    assert info.format_version == FORMAT_VERSION
     assert info.world_size == (2 if produced.label.startswith("fsdp2_ws2") else 1)
     assert info.tensors == len(ref) == len(ckpt.keys())
     assert info.total_bytes == sum(t.numel() * t.element_size() for t in ref.values())
@@ -241,7 +241,8 @@ def _zoo() -> dict[str, torch.Tensor]:
 def zoo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, torch.Tensor]]:
     path = str(tmp_path_factory.mktemp("zoo") / "zoo")
     tensors = _zoo()
-    zarrckpt.save(tensors, path, fsync=False, **SMALL_CHUNKS)
+    # the object-store layout (one chunk file per piece): several files to damage
+    zarrckpt.save(tensors, path, fsync=False, file_layout="pieces", **SMALL_CHUNKS)
     return path, tensors
 
 
@@ -375,7 +376,12 @@ def test_diff_across_world_sizes(tmp_path_factory: pytest.TempPathFactory) -> No
     single = get_produced("single", tmp_path_factory)
     fsdp = get_produced("fsdp2_ws2", tmp_path_factory)
     a, b = zarrckpt.open(single.after), zarrckpt.open(fsdp.after)
-    assert a.tensor_info("model.emb.weight").chunks != b.tensor_info("model.emb.weight").chunks
+    units = [
+        c._files.arrays["model.emb.weight"].layout.inner_shape
+        or c._files.arrays["model.emb.weight"].layout.chunk_shape
+        for c in (a, b)
+    ]
+    assert units[0] != units[1]
     report = a.diff(b, rtol=1e-6, atol=1e-7)
     assert report.identical, report.to_dict()
     assert set(report.tensors) == set(single.after_tensors)
@@ -492,7 +498,7 @@ def test_verify_each_damage_alone(damage: str, tmp_path: Path,
     assert [p.kind for p in report.problems] == [kinds[damage]], report
     if damage != "marker":
         assert report.problems[0].key == "bf16"
-        assert report.problems[0].file == "bf16/c/1/0"
+        assert report.problems[0].file == "bf16/c.1.0"
         assert zarrckpt.open(path).verify().problems == report.problems
 
 
@@ -504,8 +510,9 @@ def test_verify_finds_every_damaged_inner_chunk(tmp_path: Path,
     layout = zarrckpt.open(path)._files.arrays["f64"].layout
     assert layout.inner_shape is not None
     inner = layout.inner_nbytes + 4
-    _flip(path, "f64", (0, 0), 1)  # first inner chunk
-    _flip(path, "f64", (0, 0), 2 * inner + 9)  # third inner chunk, same slab
+    start = layout.index_nbytes  # format 3: the index comes first
+    _flip(path, "f64", (0, 0), start + 1)  # first inner chunk
+    _flip(path, "f64", (0, 0), start + 2 * inner + 9)  # third inner chunk, same slab
     _flip(path, "i64", (0, 0), 0)
     report = verify(path)
     assert sorted((p.kind, p.key) for p in report.problems) == [

@@ -378,7 +378,7 @@ def test_corrupt_chunk_leaves_optimizer_and_plain_values_untouched(
     and plain values keep theirs (tensors read straight into the target may be
     partly filled, see the load docstring)."""
     path, _, _ = partial_optimizer
-    chunk = os.path.join(path, "optim.state.0.exp_avg", "c", "0", "0")
+    chunk = os.path.join(path, "optim.state.0.exp_avg", "c.0.0")
     with open(chunk, "r+b") as f:
         f.seek(3)
         byte = f.read(1)

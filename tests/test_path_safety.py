@@ -64,7 +64,7 @@ def ckpt(tmp_path: Any) -> str:
 
 
 def _chunk(ckpt: str, fqn: str = "w") -> str:
-    return os.path.join(ckpt, array_path(fqn), "c", "0")
+    return os.path.join(ckpt, array_path(fqn), "c.0")
 
 
 def _readers(ckpt: str) -> Iterator[tuple[str, Any]]:
@@ -105,15 +105,15 @@ def test_symlinked_chunk_outside_is_refused(ckpt: str, tmp_path: Any, resolver: 
     # same size as the chunk, so that only the link gives it away
     outside.write_bytes(open(_chunk(ckpt), "rb").read())  # noqa: SIM115
     _swap_for_link(_chunk(ckpt), str(outside))
-    _assert_refused(ckpt, f"{array_path('w')}/c/0")
+    _assert_refused(ckpt, f"{array_path('w')}/c.0")
 
 
 def test_symlinked_chunk_inside_is_refused(ckpt: str, resolver: str) -> None:
     # even a link to another file of the same checkpoint
-    inside = os.path.join(ckpt, array_path("w"), "c", "copy")
+    inside = os.path.join(ckpt, array_path("w"), "copy")
     shutil.copy(_chunk(ckpt), inside)
     _swap_for_link(_chunk(ckpt), "copy")
-    _assert_refused(ckpt, f"{array_path('w')}/c/0")
+    _assert_refused(ckpt, f"{array_path('w')}/c.0")
 
 
 def test_symlinked_array_directory_is_refused(ckpt: str, tmp_path: Any, resolver: str) -> None:
@@ -164,7 +164,7 @@ def test_fifo_chunk_is_refused_without_hanging(ckpt: str, resolver: str) -> None
     watchdog.start()
     start = time.monotonic()
     try:
-        _assert_refused(ckpt, f"{array_path('w')}/c/0", what="FIFO")
+        _assert_refused(ckpt, f"{array_path('w')}/c.0", what="FIFO")
     finally:
         stop.set()
         watchdog.join()

@@ -20,6 +20,7 @@ import torch
 import zarrckpt
 from zarrckpt import convert
 from zarrckpt.errors import InvalidKeyError, UnsupportedValueError
+from zarrckpt.format._marker import FORMAT_VERSION
 from zarrckpt.testing import run_distributed
 
 pytestmark = pytest.mark.filterwarnings(
@@ -374,14 +375,14 @@ def test_bytes_round_trip_without_pickle(tmp_path):
     assert ckpt.metadata["pickled"] == {}
     assert sorted(ckpt.metadata["bytes"]) == ["big", "big_array", "nested.1.1"]
     assert ckpt.keys() == ["w"]  # bytes values are not tensors
-    assert ckpt.info().format_version == 2  # a node form version-1 readers do not know
+    assert ckpt.info().format_version == FORMAT_VERSION  # v1 readers do not know bytes
     assert (path / "~bytes" / "big" / "zarr.json").is_file()
     assert zarrckpt.inspect.verify(path).ok
 
 
 def test_checkpoints_without_bytes_are_format_version_2_too(tmp_path):
     zarrckpt.save({"w": torch.ones(2), "step": 1}, tmp_path / "ckpt")
-    assert zarrckpt.open(tmp_path / "ckpt").info().format_version == 2
+    assert zarrckpt.open(tmp_path / "ckpt").info().format_version == FORMAT_VERSION
 
 
 def test_bytes_in_tree_ls_info_and_diff(tmp_path, capsys):

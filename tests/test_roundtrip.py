@@ -43,12 +43,16 @@ import zarrckpt
 
 # ----------------------------------------------------------------- the state dicts
 
-#: save options of the three layouts
-LAYOUTS: dict[str, dict[str, int]] = {
-    # chunks of ~200 kB, never sharded: several plain chunk files, a partial last one
+#: save options of the layouts
+LAYOUTS: dict[str, dict[str, Any]] = {
+    # pieces of ~200 kB, never cut: one shard file whose inner chunks are the pieces,
+    # a partial last one
     "plain": {"chunk_bytes": 200_000, "inner_chunk_bytes": 1 << 30},
-    # chunks of ~300 kB cut into ~20 kB inner chunks: sharded, partial edge shard
+    # pieces of ~300 kB cut into ~20 kB inner chunks, all in one shard file
     "sharded": {"chunk_bytes": 300_000, "inner_chunk_bytes": 20_000},
+    # the object-store layout: one chunk file per piece, each sharded by itself,
+    # a partial edge piece with inner chunks wholly outside the array
+    "pieces": {"chunk_bytes": 300_000, "inner_chunk_bytes": 20_000, "file_layout": "pieces"},
     "default": {},
 }
 
@@ -96,7 +100,7 @@ def big_kinds(dtype: torch.dtype, seed: int, layout: str) -> dict[str, torch.Ten
         "big": random_tensor(dtype, _big_shape(dtype), seed + 10),
         "wide": random_tensor(dtype, (3, 40_000), seed + 11),
     }
-    if layout == "sharded":
+    if layout in ("sharded", "pieces"):
         rows, cols = _big_shape(dtype)
         kinds["big_T"] = random_tensor(dtype, (cols, rows), seed + 12).t()
     return kinds
@@ -130,16 +134,21 @@ def saved(request: Any, tmp_path_factory: Any) -> tuple[str, str, dict[str, torc
         n_chunks = math.prod(
             -(-s // c) for s, c in zip(rec["shape"], rec["chunk_shape"], strict=True)
         )
-        if layout == "plain":
-            assert rec["inner_chunk_shape"] is None, (fqn, rec)
+        inner = rec["inner_chunk_shape"]
+        if fqn.endswith(".wide") and layout != "pieces":
+            pass  # 3 rows of 40,000: one piece, no inner chunks, or one row per inner chunk
+        elif layout in ("plain", "sharded"):  # one shard file, several inner chunks
+            assert inner is not None and n_chunks == 1, (fqn, rec)
+            assert rec["shape"][0] > inner[0], (fqn, rec)
+            if fqn.endswith(".big"):
+                assert rec["shape"][0] % inner[0] != 0, ("no partial edge chunk", rec)
+        elif layout == "pieces":
+            assert inner is not None, (fqn, rec)
             assert n_chunks > 1 or fqn.endswith(".wide"), (fqn, rec)
-        elif layout == "sharded":
-            assert rec["inner_chunk_shape"] is not None, (fqn, rec)
-            assert n_chunks > 1 or fqn.endswith(".wide"), (fqn, rec)
-        if fqn.endswith(".big") and layout != "default":
-            assert rec["shape"][0] % rec["chunk_shape"][0] != 0, ("no partial edge chunk", rec)
+            if fqn.endswith(".big"):
+                assert rec["shape"][0] % rec["chunk_shape"][0] != 0, ("no partial edge", rec)
         assert t.numel() * t.element_size() > (1 << 20) or fqn.endswith(".wide")
-    if layout == "sharded":
+    if layout == "pieces":
         # an edge shard with inner chunks wholly outside the array (stored as empty)
         assert any(
             (rec["shape"][0] % rec["chunk_shape"][0])

@@ -73,8 +73,8 @@ def test_write_chunk_then_read_byte_ranges(tmp_path: Path) -> None:
     n = staging.write_chunk("x/c/0/1", [data[:300].data, b"", bytes(data[300:])], writeback=True)
     assert n == 1000
     staging.write_small("x/zarr.json", b"{}")
-    staging.write_at("x/c/0/2", 4, b"tail")
-    staging.write_at("x/c/0/2", 0, b"head")
+    assert staging.write_chunk_at("x/c/0/2", 4, [b"ta", b"il"]) == 4
+    assert staging.write_chunk_at("x/c/0/2", 0, [b"head"]) == 4
     assert staging.read_small("x/c/0/2") == b"headtail"
     staging.publish(overwrite=False, fsync=False)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ._load_result import LoadResult
 from .errors import (
+    InvalidArgumentError,
     MissingKeysError,
     ShapeMismatchError,
     UnsafeCheckpointError,
@@ -48,7 +49,12 @@ def _options(
     chunk_bytes: int,
     inner_chunk_bytes: int,
     threads: int | None,
+    file_layout: str = "auto",
 ) -> SaveOptions:
+    if file_layout not in ("auto", "shard", "pieces"):
+        raise InvalidArgumentError(
+            f"file_layout={file_layout!r}: expected 'auto', 'shard' or 'pieces'"
+        )
     return SaveOptions(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
@@ -56,6 +62,7 @@ def _options(
         chunk_bytes=chunk_bytes,
         inner_chunk_bytes=inner_chunk_bytes,
         threads=threads or default_threads(),
+        file_layout=file_layout,
     )
 
 
@@ -71,6 +78,7 @@ def save(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
     threads: int | None = None,
+    file_layout: str = "auto",
 ) -> None:
     """Save a state dict as a zarrckpt checkpoint (collective when distributed).
 
@@ -105,6 +113,13 @@ def save(
         chunks of large chunks.
     threads
         Size of each rank's I/O thread pool (default: up to 8, at least 2).
+    file_layout
+        ``"shard"``: each tensor's data is one shard file that every rank writes
+        its pieces into at planned offsets (files independent of the world size);
+        ``"pieces"``: one chunk file per piece (for filesystems where processes
+        on different hosts must not write one file, such as NFS without page
+        alignment guarantees); ``"auto"``: ``"shard"`` on local/POSIX storage.
+        Both are plain zarr v3 (docs/format.md).
 
     Raises
     ------
@@ -120,7 +135,9 @@ def save(
         Another rank failed; nothing was committed.
     """
     path = check_path(path, storage_options=storage_options)
-    options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
+    options = _options(
+        overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads, file_layout
+    )
     comm = Comm.from_group(process_group)
     op = Operation("save", path, comm)
     local = comm.agree(
@@ -146,6 +163,7 @@ def async_save(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
     threads: int | None = None,
+    file_layout: str = "auto",
 ) -> Future[None]:
     """Save in the background; return once the state is copied to host memory.
 
@@ -165,7 +183,7 @@ def async_save(
     Parameters
     ----------
     state_dict, path, process_group, overwrite, storage_options, allow_pickle,
-    fsync, chunk_bytes, inner_chunk_bytes, threads
+    fsync, chunk_bytes, inner_chunk_bytes, threads, file_layout
         As for :func:`save`.
 
     Returns
@@ -175,7 +193,9 @@ def async_save(
         raises the save's error otherwise. It cannot be cancelled.
     """
     path = check_path(path, storage_options=storage_options)
-    options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
+    options = _options(
+        overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads, file_layout
+    )
     comm = Comm.from_group(process_group)
     op = Operation("async_save", path, comm)
     background = op.watch(_async.background_comm(comm))

@@ -62,6 +62,11 @@ class ChunkReader:
         The array's layout.
     what
         Description used in error messages (key and checkpoint path).
+    crcs
+        The manifest's crc32c table of the array (format 3; see
+        :meth:`ArrayLayout.crc_position`): every inner chunk read must carry the
+        crc32c recorded for its position, so a chunk file swapped with another one
+        or copied from another checkpoint is reported. None: not checked.
     """
 
     source: ChunkSource
@@ -69,6 +74,7 @@ class ChunkReader:
     layout: ArrayLayout
     what: str
     bytes_read: int = 0
+    crcs: np.ndarray | None = None
 
     def _open(self, index: tuple[int, ...]) -> RangeReader:
         key = f"{self.array_key}/{self.layout.chunk_key(index)}"
@@ -103,13 +109,25 @@ class ChunkReader:
                 views[0] = views[0][n:]
         self.bytes_read += expected
 
-    def _check(self, data: Any, stored: Any, index: tuple[int, ...], part: str) -> None:
+    def _check(
+        self, data: Any, stored: Any, index: tuple[int, ...], part: str, position: int = -1
+    ) -> None:
         if crc32c(data).to_bytes(4, "little") != bytes(stored):
             raise CorruptCheckpointError(
                 f"{self.what}: checksum mismatch in chunk {self.layout.chunk_key(index)!r}"
                 f"{part} (crc32c {bytes(stored).hex()} stored, "
                 f"{crc32c(data).to_bytes(4, 'little').hex()} computed)"
             )
+        if self.crcs is not None and position >= 0:
+            expected = int(self.crcs[position])
+            if int.from_bytes(bytes(stored), "little") != expected:
+                raise CorruptCheckpointError(
+                    f"{self.what}: chunk {self.layout.chunk_key(index)!r}{part} holds data "
+                    f"that the manifest does not record at this position (crc32c "
+                    f"{bytes(stored).hex()}, manifest {expected.to_bytes(4, 'little').hex()} "
+                    f"at position {position}): the file was swapped with another chunk, "
+                    "copied from another checkpoint or modified"
+                )
 
     def _check_plain_size(self, reader: RangeReader, index: tuple[int, ...]) -> None:
         """A plain chunk file is exactly the chunk's bytes and its crc32c."""
@@ -131,10 +149,11 @@ class ChunkReader:
                 f"({size} bytes, shorter than its {index_len}-byte shard index)"
             )
         raw = bytearray(index_len)
-        self._pread_exact(reader, [raw], size - index_len, index)
+        at_start = self.layout.index_location == "start"
+        self._pread_exact(reader, [raw], 0 if at_start else size - index_len, index)
         self._check(memoryview(raw)[:-4], raw[-4:], index, " (shard index)")
         table = np.frombuffer(bytes(raw[:-4]), dtype="<u8").reshape(n_inner, 2)
-        data_end = size - index_len
+        data_end = size if at_start else size - index_len
         present = ~((table[:, 0] == EMPTY) & (table[:, 1] == EMPTY))
         offs, sizes = table[:, 0], table[:, 1]
         end = np.uint64(data_end)
@@ -176,7 +195,7 @@ class ChunkReader:
             view = _as_bytes_view(dest)
             crc = bytearray(4)
             self._pread_exact(reader, [view, crc], 0, index)
-            self._check(view, crc, index, "")
+            self._check(view, crc, index, "", self.layout.crc_position(index))
         finally:
             reader.close()
 
@@ -188,7 +207,10 @@ class ChunkReader:
         try:
             if layout.inner_shape is None:
                 self._check_plain_size(reader, index)
-                parts = [(index, layout.chunk_region(index), 0, layout.chunk_shape)]
+                parts = [
+                    (layout.crc_position(index), layout.chunk_region(index), 0,
+                     layout.chunk_shape)
+                ]
             else:
                 table = self._read_index(reader, index)
                 region = layout.chunk_region(index)
@@ -201,6 +223,7 @@ class ChunkReader:
                     self._read_row_slabs(reader, index, table, slabs, dest, dest_origin, need)
                     return
                 parts = []
+                base = layout.crc_position(index)
                 for k, inner in enumerate(layout.inner_indices()):
                     region = layout.inner_region(index, inner)
                     if any(b <= a for a, b in _intersect(region, need)):
@@ -217,9 +240,11 @@ class ChunkReader:
                             f"{layout.chunk_key(index)!r} has {nbytes} bytes, expected "
                             f"{layout.inner_nbytes + 4}"
                         )
-                    parts.append((index, region, off, layout.inner_shape))
-            for _, region, offset, full_shape in parts:
-                self._read_part(reader, index, region, offset, full_shape, dest, dest_origin, need)
+                    parts.append((base + k, region, off, layout.inner_shape))
+            for position, region, offset, full_shape in parts:
+                self._read_part(
+                    reader, index, region, offset, full_shape, dest, dest_origin, need, position
+                )
         finally:
             reader.close()
 
@@ -258,6 +283,7 @@ class ChunkReader:
         if bad.any():
             self._inner_error(index, int(np.argmax(bad)), table)
         offsets = [int(x) for x in offs[:n_full]]
+        base = layout.crc_position(index)
         per_group = max(1, min(_IOV_MAX // 2, _READ_GROUP_BYTES // max(1, slab)))
         crcs = bytearray(4 * per_group)
         crc_view = memoryview(crcs)
@@ -277,14 +303,16 @@ class ChunkReader:
             self._pread_exact(reader, buffers, offsets[k], index)
             for j in range(k, end):
                 i = j - k
-                self._check(buffers[2 * i], crc_view[4 * i : 4 * i + 4], index, "")
+                self._check(
+                    buffers[2 * i], crc_view[4 * i : 4 * i + 4], index, "", base + j
+                )
             k = end
         if rest:  # inner chunk cut by the end of the array: through a scratch buffer
             inner = (n_full,) + (0,) * (layout.ndim - 1)
             region = layout.inner_region(index, inner)
             self._read_part(
                 reader, index, region, int(offs[n_full]), layout.inner_shape or (), dest,
-                dest_origin, need,
+                dest_origin, need, base + n_full,
             )
 
     def _read_part(
@@ -297,6 +325,7 @@ class ChunkReader:
         dest: np.ndarray,
         dest_origin: tuple[int, ...],
         need: Region,
+        position: int = -1,
     ) -> None:
         part_shape = tuple(b - a for a, b in region)
         overlap = _intersect(region, need)
@@ -306,12 +335,12 @@ class ChunkReader:
             if target.flags.c_contiguous:
                 view = _as_bytes_view(target)
                 self._pread_exact(reader, [view, crc], offset, index)
-                self._check(view, crc, index, "")
+                self._check(view, crc, index, "", position)
                 return
         scratch = np.empty(full_shape, dtype=dest.dtype)
         view = _as_bytes_view(scratch)
         self._pread_exact(reader, [view, crc], offset, index)
-        self._check(view, crc, index, "")
+        self._check(view, crc, index, "", position)
         origin = tuple(a for a, _ in region)
         dest[_slices(overlap, dest_origin)] = scratch[_slices(overlap, origin)]
 

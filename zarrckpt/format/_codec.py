@@ -3,9 +3,10 @@
 A plain chunk file is the chunk's C-order little-endian bytes followed by their
 crc32c (4 bytes, little endian): zarr's ``bytes`` + ``crc32c`` codecs.
 A sharded chunk file is zarr's ``sharding_indexed`` format: the inner chunks,
-each encoded as a plain chunk, then the index (``(offset, nbytes)`` as
+each encoded as a plain chunk, and the index (``(offset, nbytes)`` as
 little-endian uint64 per inner chunk in C order, ``2**64-1`` twice for an
-inner chunk that lies wholly outside the array) and the index's crc32c.
+inner chunk that lies wholly outside the array) followed by the index's
+crc32c, at the start of the file (format 3) or at its end (formats 1 and 2).
 
 :func:`encode_chunk` returns the buffers of a chunk file (views of the
 tensor's memory wherever the bytes are contiguous there), which a
@@ -23,7 +24,14 @@ import numpy as np
 
 from ._layout import ArrayLayout, Region
 
-__all__ = ["encode_chunk", "crc32c", "expected_chunk_size", "EMPTY"]
+__all__ = [
+    "encode_chunk",
+    "encode_piece",
+    "shard_index",
+    "crc32c",
+    "expected_chunk_size",
+    "EMPTY",
+]
 
 EMPTY = np.uint64(2**64 - 1)
 
@@ -68,10 +76,12 @@ def _block(
     return padded
 
 
-def encode_chunk(
+def encode_piece(
     layout: ArrayLayout, index: tuple[int, ...], source: np.ndarray, origin: tuple[int, ...]
-) -> list[Any]:
-    """Buffers whose concatenation is the encoded chunk ``index``.
+) -> tuple[list[Any], list[int]]:
+    """Buffers whose concatenation is chunk ``index``'s inner chunks, each followed by
+    its crc32c, in C order (those wholly outside the array omitted), without a shard
+    index; and those crc32c values. An unsharded chunk is one "inner chunk".
 
     ``source`` holds (at least) the chunk's region of the array, its element
     ``[0, 0, ...]`` being the array element ``origin``.
@@ -79,26 +89,54 @@ def encode_chunk(
     if layout.inner_shape is None:
         block = _block(source, origin, layout.chunk_region(index), layout.chunk_shape)
         view = _as_bytes_view(block)
-        return [view, _crc_bytes(view)]
+        crc = crc32c(view)
+        return [view, crc.to_bytes(4, "little")], [crc]
     slabs = _row_slabs(layout, layout.chunk_region(index), source, origin)
     if slabs is not None:
         return _encode_row_slabs(layout, index, source, origin, slabs)
     buffers: list[Any] = []
-    inner_indices = list(layout.inner_indices())
-    table = np.empty((len(inner_indices), 2), dtype="<u8")
-    offset = 0
-    for k, inner in enumerate(inner_indices):
+    crcs: list[int] = []
+    for inner in layout.inner_indices():
         region = layout.inner_region(index, inner)
         if any(b <= a for a, b in region):
-            table[k] = (EMPTY, EMPTY)
             continue
         view = _as_bytes_view(_block(source, origin, region, layout.inner_shape))
-        buffers += [view, _crc_bytes(view)]
-        table[k] = (offset, len(view) + 4)
-        offset += len(view) + 4
-    index_bytes = table.tobytes()
-    buffers += [index_bytes, _crc_bytes(index_bytes)]
-    return buffers
+        crc = crc32c(view)
+        buffers += [view, crc.to_bytes(4, "little")]
+        crcs.append(crc)
+    return buffers, crcs
+
+
+def shard_index(layout: ArrayLayout, index: tuple[int, ...], base: int) -> bytes:
+    """Index (and its crc32c) of the sharded chunk ``index`` whose present inner
+    chunks are stored back to back from byte ``base`` on, in C order."""
+    assert layout.inner_shape is not None
+    table = np.full((int(np.prod(layout.inner_grid_shape)), 2), EMPTY, dtype="<u8")
+    size = layout.inner_nbytes + 4
+    offset = base
+    for k, inner in enumerate(layout.inner_indices()):
+        if layout.inner_present(index, inner):
+            table[k] = (offset, size)
+            offset += size
+    raw = table.tobytes()
+    return raw + _crc_bytes(raw)
+
+
+def encode_chunk(
+    layout: ArrayLayout, index: tuple[int, ...], source: np.ndarray, origin: tuple[int, ...]
+) -> tuple[list[Any], list[int]]:
+    """Buffers whose concatenation is the encoded chunk file ``index``, and the
+    crc32c of its inner chunks in C order (see :func:`encode_piece`).
+
+    A sharded chunk carries its index at the start or the end
+    (``layout.index_location``).
+    """
+    buffers, crcs = encode_piece(layout, index, source, origin)
+    if layout.inner_shape is None:
+        return buffers, crcs
+    if layout.index_location == "start":
+        return [shard_index(layout, index, layout.index_nbytes), *buffers], crcs
+    return [*buffers, shard_index(layout, index, 0)], crcs
 
 
 def _row_slabs(
@@ -130,28 +168,25 @@ def _encode_row_slabs(
     source: np.ndarray,
     origin: tuple[int, ...],
     slabs: memoryview,
-) -> list[Any]:
-    """:func:`encode_chunk` for row-slab inner chunks: slices of one view, same bytes."""
+) -> tuple[list[Any], list[int]]:
+    """:func:`encode_piece` for row-slab inner chunks: slices of one view, same bytes."""
     assert layout.inner_shape is not None
     slab = layout.inner_nbytes
-    n_inner = layout.inner_grid_shape[0]
     n_full, rest = divmod(len(slabs), slab)
-    table = np.full((n_inner, 2), EMPTY, dtype="<u8")
     buffers: list[Any] = []
-    offset = 0
+    crcs: list[int] = []
     for k in range(n_full):
         view = slabs[k * slab : (k + 1) * slab]
-        buffers += [view, _crc_bytes(view)]
-        table[k] = (offset, slab + 4)
-        offset += slab + 4
+        crc = crc32c(view)
+        buffers += [view, crc.to_bytes(4, "little")]
+        crcs.append(crc)
     if rest:  # inner chunk cut by the end of the array: zero-padded, like the general path
         region = layout.inner_region(index, (n_full,) + (0,) * (layout.ndim - 1))
         view = _as_bytes_view(_block(source, origin, region, layout.inner_shape))
-        buffers += [view, _crc_bytes(view)]
-        table[n_full] = (offset, slab + 4)
-    index_bytes = table.tobytes()
-    buffers += [index_bytes, _crc_bytes(index_bytes)]
-    return buffers
+        crc = crc32c(view)
+        buffers += [view, crc.to_bytes(4, "little")]
+        crcs.append(crc)
+    return buffers, crcs
 
 
 def expected_chunk_size(layout: ArrayLayout, index: tuple[int, ...]) -> int:

@@ -90,6 +90,10 @@ class ArrayLayout:
     chunk_shape: Shape
     inner_shape: Shape | None
     itemsize: int
+    #: chunk key separator: ``/`` (format 1 and 2) or ``.`` (format 3)
+    separator: str = "/"
+    #: where a sharded chunk keeps its index: ``end`` (format 1 and 2) or ``start`` (format 3)
+    index_location: str = "end"
 
     @property
     def ndim(self) -> int:
@@ -127,8 +131,46 @@ class ArrayLayout:
         )
 
     def chunk_key(self, index: Shape) -> str:
-        """Store key of chunk ``index`` relative to the array (default encoding, ``/``)."""
-        return "/".join(["c", *map(str, index)])
+        """Store key of chunk ``index`` relative to the array (zarr's default chunk key
+        encoding with :attr:`separator`: ``c/0/1`` or ``c.0.1``; ``c`` for a 0-d array)."""
+        return self.separator.join(["c", *map(str, index)])
+
+    def read_block_shape(self, target_bytes: int = DEFAULT_CHUNK_BYTES) -> Shape:
+        """Shape of the blocks to read independently (dask chunks): the chunk shape,
+        or for a sharded chunk whole inner chunks grouped along dimension 0 up to
+        about ``target_bytes`` (never past the chunk)."""
+        if self.inner_shape is None or not self.shape:
+            return self.chunk_shape
+        k = max(1, target_bytes // max(1, self.inner_nbytes))
+        rows = min(self.chunk_shape[0], self.inner_shape[0] * k)
+        return (rows, *self.inner_shape[1:])
+
+    @property
+    def index_nbytes(self) -> int:
+        """Size of a sharded chunk's index (16 bytes per inner chunk and a crc32c)."""
+        return _prod(self.inner_grid_shape) * 16 + 4
+
+    def inner_present(self, chunk_index: Shape, inner_index: Shape) -> bool:
+        """Whether an inner chunk lies (at least partly) inside the array."""
+        return all(b > a for a, b in self.inner_region(chunk_index, inner_index))
+
+    @property
+    def crc_table_size(self) -> int:
+        """Entries of the manifest's crc32c table: one per inner chunk position of
+        every chunk (one per chunk when the array is not sharded)."""
+        return _prod(self.grid_shape) * _prod(self.inner_grid_shape)
+
+    def crc_position(self, chunk_index: Shape, inner_index: Shape | None = None) -> int:
+        """Position of an inner chunk (or of a plain chunk) in the crc32c table: chunks
+        in C order, and within a chunk its inner chunks in C order."""
+        chunk = 0
+        for i, g in zip(chunk_index, self.grid_shape, strict=True):
+            chunk = chunk * g + i
+        inner = 0
+        if inner_index is not None:
+            for i, g in zip(inner_index, self.inner_grid_shape, strict=True):
+                inner = inner * g + i
+        return chunk * _prod(self.inner_grid_shape) + inner
 
     def inner_indices(self) -> Iterator[Shape]:
         """Every inner chunk index within one chunk, in C order (the index order)."""
@@ -177,7 +219,7 @@ class ArrayLayout:
                         {"name": "bytes", "configuration": {"endian": "little"}},
                         {"name": "crc32c"},
                     ],
-                    "index_location": "end",
+                    "index_location": self.index_location,
                 },
             }
         ]
@@ -213,12 +255,20 @@ def choose_layout(
 
 
 def layout_from_codecs(
-    shape: Shape, chunk_shape: Shape, codecs: list[dict[str, object]], itemsize: int
+    shape: Shape,
+    chunk_shape: Shape,
+    codecs: list[dict[str, object]],
+    itemsize: int,
+    separator: str = "/",
 ) -> ArrayLayout:
     """Rebuild the layout from a zarr.json ``codecs`` list written by zarrckpt."""
     inner: Shape | None = None
+    index_location = "end"
     if codecs and codecs[0].get("name") == "sharding_indexed":
         config = codecs[0]["configuration"]
         assert isinstance(config, dict)
         inner = tuple(config["chunk_shape"])
-    return ArrayLayout(tuple(shape), tuple(chunk_shape), inner, itemsize)
+        index_location = str(config.get("index_location", "end"))
+    return ArrayLayout(
+        tuple(shape), tuple(chunk_shape), inner, itemsize, separator, index_location
+    )

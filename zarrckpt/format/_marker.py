@@ -39,7 +39,7 @@ COMMIT_ATTRIBUTE = "zarrckpt_commit"
 ROOT_METADATA = "zarr.json"
 FORMAT_NAME = "zarrckpt"
 #: newest format version, the one written (older ones are read: docs/format.md, section 10)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def marker_document(root_bytes: bytes, checkpoint_id: str, format_version: int) -> dict[str, Any]:

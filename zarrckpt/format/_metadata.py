@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..errors import CorruptCheckpointError, InvalidKeyError, ZarrCkptError
 from ._dtypes import DTypeInfo, info_for_zarr
@@ -28,6 +32,8 @@ __all__ = [
     "group_document",
     "root_document",
     "parse_entry",
+    "consolidated_metadata",
+    "group_paths",
 ]
 
 
@@ -40,10 +46,17 @@ class ArrayEntry:
     dtype: DTypeInfo
     layout: ArrayLayout
     kind: str = "tensor"  # or "pickle", "bytes"
+    #: the crc32c table (format 3): little-endian uint32 per position
+    #: (:meth:`ArrayLayout.crc_position`), None for older formats
+    crcs: bytes | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.layout.shape
+
+    def crc_values(self) -> np.ndarray | None:
+        """The crc32c table as uint32 values (format 3), or None."""
+        return None if self.crcs is None else np.frombuffer(self.crcs, dtype="<u4")
 
     @property
     def nbytes(self) -> int:
@@ -53,7 +66,7 @@ class ArrayEntry:
         return n
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {
+        record = {
             "path": self.path,
             "kind": self.kind,
             "dtype": self.dtype.zarr_name,
@@ -63,6 +76,13 @@ class ArrayEntry:
                 None if self.layout.inner_shape is None else list(self.layout.inner_shape)
             ),
         }
+        if self.layout.separator != "/":
+            record["chunk_key_separator"] = self.layout.separator
+        if self.layout.inner_shape is not None and self.layout.index_location != "end":
+            record["index_location"] = self.layout.index_location
+        if self.crcs is not None:
+            record["crc32c"] = base64.b64encode(self.crcs).decode("ascii")
+        return record
 
 
 def dimension_names(path: str, ndim: int) -> list[str]:
@@ -87,7 +107,10 @@ def array_document(entry: ArrayEntry) -> dict[str, Any]:
             "name": "regular",
             "configuration": {"chunk_shape": list(entry.layout.chunk_shape)},
         },
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {
+            "name": "default",
+            "configuration": {"separator": entry.layout.separator},
+        },
         "fill_value": entry.dtype.fill_value,
         "codecs": entry.layout.to_json_codecs(entry.dtype.zarr_name),
         "attributes": {FORMAT_NAME: {"fqn": entry.fqn, "kind": entry.kind}},
@@ -130,7 +153,30 @@ def root_document(
         manifest["bytes"] = blobs
     if extra:
         manifest.update(extra)
-    return group_document({FORMAT_NAME: manifest})
+    document = group_document({FORMAT_NAME: manifest})
+    document["consolidated_metadata"] = consolidated_metadata(entries)
+    return document
+
+
+def group_paths(entries: list[ArrayEntry]) -> list[str]:
+    """Groups holding the arrays (the parents of split array paths, ``~pickle``,
+    ``~bytes``), outermost first, each once."""
+    groups: dict[str, None] = {}
+    for e in entries:
+        parts = e.path.split("/")
+        for i in range(1, len(parts)):
+            groups.setdefault("/".join(parts[:i]), None)
+    return list(groups)
+
+
+def consolidated_metadata(entries: list[ArrayEntry]) -> dict[str, Any]:
+    """zarr-python's ``consolidated_metadata`` member of the root ``zarr.json``: every
+    group's and array's ``zarr.json`` document by path, so ``zarr.open_group`` reads
+    one document (the ``~commit`` group, written after the root, is not listed)."""
+    metadata: dict[str, Any] = {g: group_document() for g in group_paths(entries)}
+    for e in entries:
+        metadata[e.path] = array_document(e)
+    return {"kind": "inline", "must_understand": False, "metadata": metadata}
 
 
 def check_unique_paths(entries: list[ArrayEntry], *, checkpoint: str) -> None:
@@ -150,15 +196,24 @@ def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry
     try:
         dtype = info_for_zarr(raw["dtype"], key=fqn, path=checkpoint)
         inner = raw.get("inner_chunk_shape")
+        separator = raw.get("chunk_key_separator", "/")
+        index_location = raw.get("index_location", "end")
+        if separator not in ("/", ".") or index_location not in ("start", "end"):
+            raise ValueError(
+                f"chunk_key_separator {separator!r}, index_location {index_location!r}"
+            )
         layout = ArrayLayout(
             tuple(raw["shape"]),
             tuple(raw["chunk_shape"]),
             None if inner is None else tuple(inner),
             dtype.itemsize,
+            separator,
+            index_location,
         )
         kind = raw.get("kind", "tensor")
         path = raw["path"]
-    except (KeyError, TypeError, ValueError) as e:
+        crcs = _parse_crcs(raw.get("crc32c"), layout)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, binascii.Error) as e:
         raise CorruptCheckpointError(
             f"checkpoint {checkpoint!r}: manifest record of {fqn!r} is malformed ({e!r})"
         ) from None
@@ -173,7 +228,22 @@ def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry
             f"checkpoint {checkpoint!r}: manifest record of {fqn!r} has path {path!r} and kind "
             f"{kind!r}; expected kind 'tensor', 'pickle' or 'bytes' and path {expected!r}"
         )
-    return ArrayEntry(fqn, path, dtype, layout, kind)
+    return ArrayEntry(fqn, path, dtype, layout, kind, crcs)
+
+
+def _parse_crcs(text: Any, layout: ArrayLayout) -> bytes | None:
+    """The crc32c table from its base64 text, checked against the layout's size."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"crc32c is {type(text).__name__}, expected base64 text")
+    expected = 4 * layout.crc_table_size
+    if len(text) != 4 * (-(-expected // 3)):  # refuse before decoding a huge claim
+        raise ValueError(f"crc32c table has {len(text)} base64 characters for {expected} bytes")
+    table = base64.b64decode(text, validate=True)
+    if len(table) != expected:
+        raise ValueError(f"crc32c table has {len(table)} bytes, expected {expected}")
+    return table
 
 
 def array_path(fqn: str, kind: str = "tensor", *, checkpoint: str = "?") -> str:
@@ -198,6 +268,7 @@ def check_array_document(entry: ArrayEntry, document: Any, *, checkpoint: str) -
             tuple(document["chunk_grid"]["configuration"]["chunk_shape"]),
             document["codecs"],
             dtype.itemsize,
+            document["chunk_key_encoding"]["configuration"]["separator"],
         )
         # codecs and chunk key encoding decide how zarr / tensorstore decode the
         # chunks: they must be exactly those zarrckpt wrote (crc32c included)

@@ -81,6 +81,7 @@ class _ChunkSource:
                 self.entry.path,
                 self.entry.layout,
                 f"checkpoint {self.path!r}, key {self.entry.fqn!r}",
+                crcs=self.entry.crc_values(),
             )
             reader.read_into(dest, tuple(starts))
         return dest

@@ -225,7 +225,8 @@ class Checkpoint:
         return self._files.read_tensor(fqn, threads=default_threads())
 
     def to_dask(self, pattern: str | None = None) -> dict[str, Any]:
-        """``{fqn: dask.array.Array}`` with dask chunks equal to the stored chunks.
+        """``{fqn: dask.array.Array}`` with dask chunks of whole stored chunks (whole inner
+        chunks of about 64 MiB for a shard file).
 
         Parameters
         ----------
@@ -242,7 +243,7 @@ class Checkpoint:
             entry = self._files.arrays[fqn]
             out[fqn] = da.from_array(
                 _ChunkSource(self._files.store, entry, self._files),
-                chunks=entry.layout.chunk_shape if entry.shape else (),
+                chunks=entry.layout.read_block_shape() if entry.shape else (),
                 lock=False,
                 asarray=False,
                 name=f"zarrckpt-{self.metadata['checkpoint_id']}-{entry.path}",

@@ -142,7 +142,9 @@ def read_region(root: str | Store, entry: ArrayEntry, region: Region) -> np.ndar
     dest = np.empty(tuple(b - a for a, b in region), dtype=entry.dtype.numpy_dtype)
     if dest.size:
         store = open_store(root)
-        reader = ChunkReader(store, entry.path, entry.layout, what(store, entry))
+        reader = ChunkReader(
+            store, entry.path, entry.layout, what(store, entry), crcs=entry.crc_values()
+        )
         reader.read_into(dest, tuple(a for a, _ in region))
     return dest
 

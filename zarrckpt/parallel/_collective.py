@@ -62,6 +62,18 @@ class Comm:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` in rank order on rank 0 (None on the others)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(
+            obj, out, dst=dist.get_global_rank(self.group, 0), group=self.group
+        )
+        return out
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:

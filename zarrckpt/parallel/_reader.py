@@ -77,7 +77,8 @@ class CheckpointFiles:
         return f"checkpoint {self.path!r}, key {entry.fqn!r}"
 
     def check_metadata(self, entry: ArrayEntry) -> None:
-        """Verify that the array's own zarr.json exists and matches the manifest."""
+        """Verify that the array's own zarr.json exists and matches the manifest
+        (tensorstore and zarr read it: a damaged one is reported by every reader)."""
         if entry.fqn in self._checked:
             return
         key = f"{entry.path}/zarr.json"
@@ -107,6 +108,7 @@ class CheckpointFiles:
             request.entry.path,
             request.entry.layout,
             self.what(request.entry),
+            crcs=request.entry.crc_values(),
         )
         reader.read_into(request.dest, request.origin)
         return reader.bytes_read
@@ -188,12 +190,21 @@ class CheckpointFiles:
 _PARALLEL_MIN_BYTES = 1 << 20
 
 
+#: a request is cut into parts of about this size for parallel reads
+_PART_BYTES = 16 << 20
+
+
 def _split_by_chunk(request: ReadRequest) -> list[ReadRequest]:
-    """Cut a request into one request per overlapped chunk (along dim 0 only)."""
+    """Cut a request along dim 0 into parts of whole chunks (of whole rows of inner
+    chunks for a sharded chunk, about ``_PART_BYTES`` each)."""
     layout = request.entry.layout
-    if request.dest.ndim == 0 or request.dest.nbytes <= layout.chunk_nbytes:
+    if request.dest.ndim == 0:
         return [request]
     rows = layout.chunk_shape[0]
+    if layout.inner_shape is not None and layout.chunk_nbytes > _PART_BYTES:
+        unit = layout.inner_shape[0]
+        row_bytes = max(1, layout.chunk_nbytes // max(1, rows))
+        rows = unit * max(1, _PART_BYTES // (row_bytes * unit))
     start = request.origin[0]
     stop = start + request.dest.shape[0]
     out = []

@@ -16,6 +16,7 @@ rank and nothing is committed):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from collections.abc import Callable
@@ -25,18 +26,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DistributedSaveError, InvalidKeyError, UnsupportedValueError
+from ..errors import (
+    DistributedSaveError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    UnsupportedValueError,
+)
 from ..format._dtypes import info_for_torch, tensor_as_numpy
 from ..format._flatten import flatten_state_dict, pickle_value
 from ..format._layout import choose_layout
 from ..format._metadata import ArrayEntry, array_path, check_unique_paths, root_document
+from ..format._shard import StoredArray, plan_storage
 from ..format._tree_merge import merge_trees
-from ..storage._base import Staging
+from ..storage._base import Staging, Store
 from ..storage._local import open_store
 from ._collective import Comm
 from ._planning import ArrayPieces, plan_arrays
 from ._sharding import LocalView, describe_leaf, is_tensor_leaf
-from ._writer import ChunkWrite, write_arrays
+from ._writer import ChunkWrite, IndexWrite, WriteResult, crc_table, write_arrays
 
 __all__ = ["SaveOptions", "SaveReport", "LocalState", "prepare_local", "save_collective"]
 
@@ -49,6 +56,19 @@ class SaveOptions:
     chunk_bytes: int = 64 << 20
     inner_chunk_bytes: int = 1 << 20
     threads: int = 2
+    #: "auto" (the store's choice), "shard" or "pieces" (see zarrckpt.save)
+    file_layout: str = "auto"
+
+    def shared_files(self, store: Store, path: str) -> bool:
+        """Whether tensors are stored as shard files written by every rank."""
+        if self.file_layout == "auto":
+            return store.shared_files
+        if self.file_layout == "shard" and not store.shared_files:
+            raise InvalidArgumentError(
+                f"file_layout='shard' for checkpoint {path!r}: this store cannot have "
+                "several processes write one object; use 'pieces' or 'auto'"
+            )
+        return self.file_layout == "shard"
 
 
 @dataclass(frozen=True)
@@ -198,9 +218,26 @@ class SavePlan:
     writers: dict[str, Any]
     tree: dict[str, Any]
     value_writers: dict[str, int]
+    #: fqn -> where each piece goes (one shard file per tensor, or one object per piece)
+    stored: dict[str, StoredArray]
+
+    def with_crcs(self, reports: list[dict[str, dict[int, int]]]) -> list[ArrayEntry]:
+        """The entries carrying their crc32c tables, from every rank's reports."""
+        merged: dict[str, dict[int, int]] = {}
+        for report in reports:
+            for fqn, table in report.items():
+                merged.setdefault(fqn, {}).update(table)
+        return [
+            dataclasses.replace(
+                e, crcs=crc_table(e, self.stored[e.fqn], merged.get(e.fqn, {}))
+            )
+            for e in self.entries
+        ]
 
 
-def _build_plan(summaries: list[dict[str, Any]], path: str, options: SaveOptions) -> SavePlan:
+def _build_plan(
+    summaries: list[dict[str, Any]], path: str, options: SaveOptions, *, shared_files: bool = True
+) -> SavePlan:
     """The plan of a save from every rank's summary (the same on every rank).
 
     The tree is the union of the ranks' trees; a tensor, pickled or bytes value is
@@ -239,10 +276,20 @@ def _build_plan(summaries: list[dict[str, Any]], path: str, options: SaveOptions
     )
     entries: list[ArrayEntry] = []
     writers: dict[str, Any] = {}
+    stored: dict[str, StoredArray] = {}
     for arr, plan in zip(arrays, plans, strict=True):
         dtype_name = dtypes[arr.fqn]
         info = info_for_torch(getattr(torch, dtype_name.removeprefix("torch.")))
-        entries.append(ArrayEntry(arr.fqn, array_path(arr.fqn, checkpoint=path), info, plan.layout))
+        stored[arr.fqn] = plan_storage(
+            plan.layout,
+            {index: rank for index, (rank, _) in plan.writers.items()},
+            shared_files=shared_files,
+        )
+        entries.append(
+            ArrayEntry(
+                arr.fqn, array_path(arr.fqn, checkpoint=path), info, stored[arr.fqn].layout
+            )
+        )
         writers[arr.fqn] = plan.writers
     uint8 = info_for_torch(torch.uint8)
     value_writers: dict[str, int] = {}
@@ -256,11 +303,19 @@ def _build_plan(summaries: list[dict[str, Any]], path: str, options: SaveOptions
                 layout = choose_layout(
                     (n,), 1, chunk_bytes=options.chunk_bytes, inner_bytes=options.inner_chunk_bytes
                 )
+                stored[fqn] = plan_storage(
+                    layout,
+                    {index: rank for index in layout.chunk_indices()},
+                    shared_files=shared_files,
+                )
                 entries.append(
-                    ArrayEntry(fqn, array_path(fqn, kind, checkpoint=path), uint8, layout, kind)
+                    ArrayEntry(
+                        fqn, array_path(fqn, kind, checkpoint=path), uint8, stored[fqn].layout,
+                        kind,
+                    )
                 )
     check_unique_paths(entries, checkpoint=path)
-    return SavePlan(entries, writers, tree, value_writers)
+    return SavePlan(entries, writers, tree, value_writers, stored)
 
 
 def save_collective(
@@ -268,11 +323,13 @@ def save_collective(
 ) -> SaveReport:
     """Phases 1-4 of a save, given this rank's staged state."""
     summaries = comm.all_gather(local.summary())
-    plan = comm.agree(
-        lambda: _build_plan(summaries, path, options), f"planning the save of {path!r}"
-    )
-
     store = open_store(path)
+    plan = comm.agree(
+        lambda: _build_plan(
+            summaries, path, options, shared_files=options.shared_files(store, path)
+        ),
+        f"planning the save of {path!r}",
+    )
     created: list[Staging] = []
 
     def create_staging() -> str | None:
@@ -288,7 +345,7 @@ def save_collective(
     assert isinstance(token, str)
     try:
 
-        def write() -> int:
+        def write() -> WriteResult:
             # the other ranks attach to the staging rank 0 created (and wait to see it)
             staging = created[0] if created else store.attach(token, rank=comm.rank)
             return _write_share(staging, plan, local, comm, options)
@@ -297,14 +354,16 @@ def save_collective(
             write,
             f"writing the checkpoint {path!r}",
         )
+        reports = comm.gather(written.crcs)
 
         def finish() -> None:
             if not comm.is_coordinator:
                 return
+            assert reports is not None
             checkpoint_id = uuid.uuid4().hex
             root = root_document(
                 tree=plan.tree,
-                entries=plan.entries,
+                entries=plan.with_crcs(reports),
                 checkpoint_id=checkpoint_id,
                 world_size=comm.world_size,
                 extra={**sharding_summary(local), **extra},
@@ -317,24 +376,28 @@ def save_collective(
             created[0].abort()
         raise
     tensors = [e for e in plan.entries if e.kind not in ("pickle", "bytes")]
-    return SaveReport(len(tensors), sum(e.nbytes for e in tensors), written)
+    return SaveReport(len(tensors), sum(e.nbytes for e in tensors), written.nbytes)
 
 
 def _write_share(
     staging: Staging, plan: SavePlan, local: LocalState, comm: Comm, options: SaveOptions
-) -> int:
-    """Write this rank's metadata files and chunks, then make them durable;
-    return the chunk bytes written."""
+) -> WriteResult:
+    """Write this rank's metadata files, pieces and shard indexes, then make them
+    durable; return the chunk bytes written and the crc32c of the inner chunks."""
     entries = plan.entries
     mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
-    chunks: list[ChunkWrite] = []
+    chunks: list[ChunkWrite | IndexWrite] = []
     for entry in entries:
+        stored = plan.stored[entry.fqn]
+        if stored.mode == "shard" and stored.index_writer == comm.rank:
+            chunks.append(IndexWrite.of(entry, stored))
         if entry.kind in ("pickle", "bytes"):
             if plan.value_writers[entry.fqn] == comm.rank:
                 source = local.pickled if entry.kind == "pickle" else local.blobs
                 data = np.frombuffer(source[entry.fqn], np.uint8)
                 chunks.extend(
-                    ChunkWrite(entry, idx, data, (0,)) for idx in entry.layout.chunk_indices()
+                    ChunkWrite.of(entry, stored, idx, data, (0,))
+                    for idx in stored.pieces.chunk_indices()
                 )
             continue
         for index, (rank, k) in plan.writers[entry.fqn].items():
@@ -347,7 +410,9 @@ def _write_share(
                     f"{entry.fqn!r} but holds {len(view.blocks)}"
                 )
             origin = tuple(a for a, _ in view.blocks[k].region)
-            chunks.append(ChunkWrite(entry, index, local.sources[entry.fqn][k], origin))
+            chunks.append(
+                ChunkWrite.of(entry, stored, index, local.sources[entry.fqn][k], origin)
+            )
     written = write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
     if options.fsync:
         staging.sync()

@@ -13,13 +13,24 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..format._codec import encode_chunk
+from ..errors import DistributedSaveError
+from ..format._codec import encode_chunk, encode_piece
+from ..format._layout import ArrayLayout
 from ..format._metadata import ArrayEntry, array_document, group_document
+from ..format._shard import PieceTarget, StoredArray, storage_positions
 from ..storage._base import Staging
 from ..storage._local import as_staging
 from ..storage._posix import WRITEBACK_MIN_BYTES
 
-__all__ = ["ChunkWrite", "write_arrays", "default_threads", "parallel_map"]
+__all__ = [
+    "ChunkWrite",
+    "IndexWrite",
+    "WriteResult",
+    "crc_table",
+    "write_arrays",
+    "default_threads",
+    "parallel_map",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,12 +48,73 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class ChunkWrite:
-    """One chunk this process writes: chunk ``index`` of ``entry`` from ``source``."""
+    """One piece this process writes: piece ``index`` of the grid ``pieces`` of
+    ``entry``, from ``source`` (whose element ``[0, ...]`` is array element
+    ``origin``), to ``target`` (:meth:`StoredArray.target`)."""
 
     entry: ArrayEntry
+    pieces: ArrayLayout
     index: tuple[int, ...]
     source: np.ndarray
     origin: tuple[int, ...]
+    target: PieceTarget
+
+    @classmethod
+    def of(
+        cls,
+        entry: ArrayEntry,
+        stored: StoredArray,
+        index: tuple[int, ...],
+        source: np.ndarray,
+        origin: tuple[int, ...],
+    ) -> ChunkWrite:
+        return cls(entry, stored.pieces, index, source, origin, stored.target(index))
+
+    @property
+    def nbytes(self) -> int:
+        return self.pieces.chunk_nbytes
+
+
+@dataclass(frozen=True)
+class IndexWrite:
+    """The index of a shard file (``"shard"`` mode), written by one rank at offset 0."""
+
+    entry: ArrayEntry
+    data: bytes
+
+    @classmethod
+    def of(cls, entry: ArrayEntry, stored: StoredArray) -> IndexWrite:
+        return cls(entry, stored.index_bytes())
+
+
+@dataclass
+class WriteResult:
+    """What a process wrote: chunk bytes and, per array, the crc32c of every inner
+    chunk by its position in the crc table (gathered into the manifest at commit)."""
+
+    nbytes: int = 0
+    crcs: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
+
+    def merge(self, other: WriteResult) -> None:
+        self.nbytes += other.nbytes
+        for fqn, table in other.crcs.items():
+            self.crcs.setdefault(fqn, {}).update(table)
+
+
+def crc_table(entry: ArrayEntry, stored: StoredArray, crcs: dict[int, int]) -> bytes:
+    """The manifest's crc32c table of an array from the crcs every writer reported;
+    every position a complete save fills must be there."""
+    table = np.zeros(stored.layout.crc_table_size, dtype="<u4")
+    expected = storage_positions(stored)
+    missing = [p for p in expected if p not in crcs]
+    if missing:
+        raise DistributedSaveError(
+            f"internal error: no rank reported the crc32c of {len(missing)} inner chunk(s) "
+            f"of {entry.fqn!r} (positions {missing[:8]})"
+        )
+    for position, crc in crcs.items():
+        table[position] = crc
+    return table.tobytes()
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
@@ -157,56 +229,83 @@ def write_metadata(staging: str | Staging, entries: Iterable[ArrayEntry]) -> Non
         target.write_small(f"{entry.path}/zarr.json", array_json(entry))
 
 
-def _write_chunks(staging: Staging, writes: list[ChunkWrite], writeback: bool) -> int:
+def _write_chunks(
+    staging: Staging, writes: list[ChunkWrite | IndexWrite], writeback: bool
+) -> WriteResult:
     made: set[str] = set()
-    total = 0
+    result = WriteResult()
     for w in writes:
-        key = f"{w.entry.path}/{w.entry.layout.chunk_key(w.index)}"
+        layout = w.entry.layout
+        key = f"{w.entry.path}/{layout.chunk_key((0,) * layout.ndim)}"
+        if isinstance(w, ChunkWrite):
+            target = w.target
+            key = f"{w.entry.path}/{target.key}"
         parent = key.rpartition("/")[0]
         if parent not in made:
             staging.ensure_dir(parent)
             made.add(parent)
-        buffers = encode_chunk(w.entry.layout, w.index, w.source, w.origin)
-        big = w.entry.layout.chunk_nbytes >= _WRITEBACK_MIN_BYTES
-        total += staging.write_chunk(key, buffers, writeback=writeback and big)
-    return total
+        if isinstance(w, IndexWrite):
+            staging.write_chunk_at(key, 0, [w.data])
+            continue
+        big = w.nbytes >= _WRITEBACK_MIN_BYTES
+        if target.offset is None:
+            buffers, crcs = encode_chunk(layout, w.index, w.source, w.origin)
+            result.nbytes += staging.write_chunk(key, buffers, writeback=writeback and big)
+        else:
+            buffers, crcs = encode_piece(w.pieces, w.index, w.source, w.origin)
+            result.nbytes += staging.write_chunk_at(
+                key, target.offset, buffers, writeback=writeback and big
+            )
+        if len(crcs) != len(target.positions):  # pragma: no cover - same rule both sides
+            raise AssertionError(f"{w.entry.fqn}: {len(crcs)} crcs for {target.positions}")
+        table = result.crcs.setdefault(w.entry.fqn, {})
+        table.update(zip(target.positions, crcs, strict=True))
+    return result
 
 
 def write_arrays(
     staging: str | Staging,
     metadata: list[ArrayEntry],
-    chunks: list[ChunkWrite],
+    chunks: Sequence[ChunkWrite | IndexWrite],
     *,
     threads: int,
     fsync: bool = False,
-) -> int:
-    """Write array metadata then chunks into ``staging`` (or a staging directory);
-    return the chunk bytes written.
+) -> WriteResult:
+    """Write array metadata then pieces (and shard indexes) into ``staging`` (or a
+    staging directory); return the chunk bytes written and the crc32c of every
+    inner chunk written.
 
-    Chunks are written by a pool of ``threads`` threads; small chunks are
+    Pieces are written by a pool of ``threads`` threads; small pieces are
     batched into tasks of about 8 MiB so a thousand tiny tensors do not pay a
     thousand task hand-offs. With ``fsync`` (the caller syncs the tree
-    afterwards) large chunk files start their writeback while they are being
+    afterwards) large pieces start their writeback while they are being
     written, so the disk works in parallel with the copying.
     """
     target = as_staging(staging)
     batches = [metadata[i : i + 64] for i in range(0, len(metadata), 64)]
     parallel_map(lambda b: write_metadata(target, b), batches, threads)
-    return _run_chunk_tasks(target, chunks, threads, fsync)
+    return _run_chunk_tasks(target, list(chunks), threads, fsync)
+
+
+def _write_size(w: ChunkWrite | IndexWrite) -> int:
+    return w.nbytes if isinstance(w, ChunkWrite) else len(w.data)
 
 
 def _run_chunk_tasks(
-    staging: Staging, chunks: list[ChunkWrite], threads: int, writeback: bool
-) -> int:
-    tasks: list[list[ChunkWrite]] = []
-    current: list[ChunkWrite] = []
+    staging: Staging, chunks: list[ChunkWrite | IndexWrite], threads: int, writeback: bool
+) -> WriteResult:
+    tasks: list[list[ChunkWrite | IndexWrite]] = []
+    current: list[ChunkWrite | IndexWrite] = []
     size = 0
-    for w in sorted(chunks, key=lambda w: -w.entry.layout.chunk_nbytes):
+    for w in sorted(chunks, key=lambda w: -_write_size(w)):
         current.append(w)
-        size += w.entry.layout.chunk_nbytes
+        size += _write_size(w)
         if size >= _TASK_BYTES:
             tasks.append(current)
             current, size = [], 0
     if current:
         tasks.append(current)
-    return sum(parallel_map(lambda t: _write_chunks(staging, t, writeback), tasks, threads))
+    result = WriteResult()
+    for part in parallel_map(lambda t: _write_chunks(staging, t, writeback), tasks, threads):
+        result.merge(part)
+    return result

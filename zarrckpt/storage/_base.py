@@ -102,8 +102,13 @@ class Staging(ABC):
         durable soon (the local store starts writing it back while writing)."""
 
     @abstractmethod
-    def write_at(self, key: str, offset: int, data: Any) -> None:
-        """Write ``data`` at byte ``offset`` of the object ``key`` (created if missing)."""
+    def write_chunk_at(
+        self, key: str, offset: int, buffers: list[Any], *, writeback: bool = False
+    ) -> int:
+        """Write the concatenation of ``buffers`` at byte ``offset`` of the file ``key``
+        (created if missing, never truncated: several ranks write disjoint ranges of
+        one shard file); return the bytes written. Only stores with
+        :attr:`Store.shared_files` have it."""
 
     @abstractmethod
     def write_json(self, key: str, document: Any, *, fsync: bool = False) -> bytes:
@@ -154,6 +159,10 @@ class Store(ABC):
 
     #: the location as the user gave it (used in messages)
     path: str
+    #: whether several ranks may write disjoint byte ranges of one file
+    #: (:meth:`Staging.write_chunk_at`): POSIX storage. Saves then store each
+    #: tensor as one shard file; otherwise (object stores) one object per piece.
+    shared_files: bool = True
 
     # ------------------------------------------------------------------ probing
 

@@ -389,12 +389,11 @@ class LocalStaging(Staging):
             return _posix.write_file(path, buffers, writeback=True)
         return _posix.write_file(path, buffers)
 
-    def write_at(self, key: str, offset: int, data: Any) -> None:
-        fd = os.open(_join(self.directory, key), os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            _posix.pwrite_all(fd, data, offset)
-        finally:
-            os.close(fd)
+    def write_chunk_at(
+        self, key: str, offset: int, buffers: list[Any], *, writeback: bool = False
+    ) -> int:
+        path = _join(self.directory, key)
+        return _posix.write_file(path, buffers, writeback=writeback, offset=offset)
 
     def write_json(self, key: str, document: Any, *, fsync: bool = False) -> bytes:
         return _posix.write_json(_join(self.directory, key), document, fsync=fsync)

@@ -265,25 +265,40 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 
 def write_file(
-    path: str, buffers: list[Any], *, fsync: bool = False, writeback: bool = False
+    path: str,
+    buffers: list[Any],
+    *,
+    fsync: bool = False,
+    writeback: bool = False,
+    offset: int | None = None,
 ) -> int:
     """Write ``buffers`` to a new file at ``path``; return the bytes written.
 
-    With ``writeback`` the kernel starts writing the file to disk while it is
-    being written (see :func:`start_writeback`), so that a later fsync/syncfs
-    has little left to wait for.
+    With ``offset`` the file is not truncated (created if missing) and the
+    buffers go to that byte offset (positional writes: several processes write
+    disjoint ranges of one shard file). With ``writeback`` the kernel starts
+    writing the file to disk while it is being written (see
+    :func:`start_writeback`), so that a later fsync/syncfs has little left to
+    wait for.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+    fd = os.open(path, flags if offset is not None else flags | os.O_TRUNC, 0o644)
+    base = offset or 0
     total = 0
     flushed = 0
     try:
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
         while pending:
             batch = pending[:_IOV_MAX]
-            written = os.writev(fd, batch)
+            if offset is None:
+                written = os.writev(fd, batch)
+            else:
+                written = os.pwritev(fd, batch, base + total)
+            if written <= 0:
+                raise OSError(f"short write to {path!r}: {written} bytes written")
             total += written
             if writeback and total - flushed >= _WRITEBACK_BYTES:
-                start_writeback(fd, flushed, total - flushed)
+                start_writeback(fd, base + flushed, total - flushed)
                 flushed = total
             # drop what was fully written, trim a partially written buffer
             while batch and written >= len(batch[0]):
@@ -293,7 +308,7 @@ def write_file(
             if written:
                 pending[0] = pending[0][written:]
         if writeback:
-            start_writeback(fd, flushed, total - flushed)
+            start_writeback(fd, base + flushed, total - flushed)
         if fsync:
             os.fsync(fd)
     finally:

@@ -12,6 +12,8 @@ fails or is interrupted leaves the destination as it was.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -22,12 +24,13 @@ import numpy as np
 import torch
 
 from ...errors import InvalidKeyError
-from ...format._codec import encode_chunk
+from ...format._codec import encode_chunk, encode_piece
 from ...format._dtypes import info_for_torch
 from ...format._flatten import pickle_value
 from ...format._layout import ArrayLayout, choose_layout
 from ...format._metadata import ArrayEntry, array_path, root_document
-from ...parallel._writer import _WRITEBACK_MIN_BYTES, write_metadata
+from ...format._shard import StoredArray, plan_storage
+from ...parallel._writer import _WRITEBACK_MIN_BYTES, crc_table, write_metadata
 from ...storage._local import open_store
 
 __all__ = ["CheckpointBuilder", "ProgressFn", "ProgressTracker"]
@@ -105,7 +108,9 @@ class CheckpointBuilder:
         self._paths: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zarrckpt-convert")
         self._pending: list[_Pending] = []
-        self._made_dirs: set[str] = set()
+        self._stored: dict[str, StoredArray] = {}
+        self._crcs: dict[str, dict[int, int]] = {}
+        self._lock = threading.Lock()
         self.bytes_written = 0
         self._closed = False
 
@@ -147,11 +152,13 @@ class CheckpointBuilder:
         chunk_shape: tuple[int, ...] | None = None,
         layout: ArrayLayout | None = None,
     ) -> ArrayEntry:
-        """Declare a tensor array (writes its ``zarr.json``); return its entry.
+        """Declare a tensor array (writes its ``zarr.json``); return its entry, whose
+        layout is the grid of pieces that :meth:`write_chunks` takes.
 
-        The chunk grid is ``layout`` if given, else ``chunk_shape`` (a shard
+        The piece grid is ``layout`` if given, else ``chunk_shape`` (a shard
         grid), else row slabs of about ``chunk_bytes`` (as ``save`` does for an
-        unsharded tensor).
+        unsharded tensor). Where the pieces go in the files is planned as for
+        :func:`zarrckpt.save` (:func:`~zarrckpt.format._shard.plan_storage`).
         """
         if not fqn:
             raise InvalidKeyError(
@@ -168,9 +175,7 @@ class CheckpointBuilder:
                 inner_bytes=self.inner_chunk_bytes,
             )
         entry = ArrayEntry(fqn, array_path(fqn, checkpoint=self.path), info, layout)
-        self._claim(entry)
-        write_metadata(self.staging, [entry])
-        self.entries.append(entry)
+        self._declare(entry)
         return entry
 
     def add_pickled(self, fqn: str, obj: Any) -> None:
@@ -189,24 +194,41 @@ class CheckpointBuilder:
         )
         path = array_path(fqn, kind, checkpoint=self.path)
         entry = ArrayEntry(fqn, path, info, layout, kind)
-        self._claim(entry)
-        write_metadata(self.staging, [entry])
-        self.entries.append(entry)
+        self._declare(entry)
         self.write_chunks(entry, data, (0,))
         self.drain()
+
+    def _declare(self, entry: ArrayEntry) -> None:
+        """Plan the files of ``entry`` (whose layout is the piece grid), write its
+        ``zarr.json`` and, for a shard file, its index."""
+        self._claim(entry)
+        stored = plan_storage(entry.layout, shared_files=self.store.shared_files)
+        final = dataclasses.replace(entry, layout=stored.layout)
+        write_metadata(self.staging, [final])
+        self.entries.append(final)
+        self._stored[entry.fqn] = stored
+        self._crcs[entry.fqn] = {}
+        if stored.mode == "shard":
+            key = f"{entry.path}/{stored.layout.chunk_key((0,) * stored.layout.ndim)}"
+            self.staging.write_chunk_at(key, 0, [stored.index_bytes()])
 
     # ------------------------------------------------------------ chunks
     def _write_one(self, entry: ArrayEntry, index: tuple[int, ...], source: np.ndarray,
                    origin: tuple[int, ...]) -> int:
-        key = f"{entry.path}/{entry.layout.chunk_key(index)}"
-        parent = key.rpartition("/")[0]
-        if parent not in self._made_dirs:
-            self.staging.ensure_dir(parent)
-            self._made_dirs.add(parent)
-        buffers = encode_chunk(entry.layout, index, source, origin)
-        # with fsync, large chunks start their writeback at once (as zarrckpt.save does)
+        stored = self._stored[entry.fqn]
+        target = stored.target(index)
+        key = f"{entry.path}/{target.key}"
+        # with fsync, large pieces start their writeback at once (as zarrckpt.save does)
         writeback = self.fsync and entry.layout.chunk_nbytes >= _WRITEBACK_MIN_BYTES
-        return self.staging.write_chunk(key, buffers, writeback=writeback)
+        if target.offset is None:
+            buffers, crcs = encode_chunk(stored.layout, index, source, origin)
+            written = self.staging.write_chunk(key, buffers, writeback=writeback)
+        else:
+            buffers, crcs = encode_piece(stored.pieces, index, source, origin)
+            written = self.staging.write_chunk_at(key, target.offset, buffers, writeback=writeback)
+        with self._lock:
+            self._crcs[entry.fqn].update(zip(target.positions, crcs, strict=True))
+        return written
 
     def _collect(self, block: bool) -> None:
         """Wait for finished writes (for at least one when ``block``), raise their errors."""
@@ -275,9 +297,11 @@ class CheckpointBuilder:
         self._pool.shutdown(wait=True)
         self._check_tree(tree)
         checkpoint_id = uuid.uuid4().hex
-        root = root_document(
-            tree=tree, entries=self.entries, checkpoint_id=checkpoint_id, extra=extra
-        )
+        entries = [
+            dataclasses.replace(e, crcs=crc_table(e, self._stored[e.fqn], self._crcs[e.fqn]))
+            for e in self.entries
+        ]
+        root = root_document(tree=tree, entries=entries, checkpoint_id=checkpoint_id, extra=extra)
         if self.fsync:
             self.staging.sync()
         self.staging.commit(root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync)

@@ -8,6 +8,7 @@ arrays holding the tensors, pickled objects and large bytes values inside it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any
 
@@ -21,8 +22,9 @@ from ...format._flatten import flatten_state_dict, pickle_value
 from ...format._fqn import fqn_to_path
 from ...format._layout import choose_layout
 from ...format._metadata import ArrayEntry, array_path
+from ...format._shard import StoredArray, plan_storage
 from ...parallel._save import host_tensor
-from ...parallel._writer import ChunkWrite
+from ...parallel._writer import ChunkWrite, IndexWrite
 from .._torchsave_source import bytes_allowed
 
 __all__ = ["encode_byte_value", "resolve_tensor"]
@@ -62,8 +64,11 @@ def encode_byte_value(
     path: str,
     chunk_bytes: int,
     inner_bytes: int,
-) -> tuple[dict[str, Any], list[ArrayEntry], list[ChunkWrite]]:
-    """Tree node of a ``torch.save``'d leaf, plus the arrays holding its tensors/pickles."""
+) -> tuple[
+    dict[str, Any], list[ArrayEntry], list[ChunkWrite | IndexWrite], dict[str, StoredArray]
+]:
+    """Tree node of a ``torch.save``'d leaf, plus the arrays holding its tensors/pickles,
+    their writes (all by this rank) and where their pieces are stored."""
     try:
         with bytes_allowed():
             value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -85,7 +90,17 @@ def encode_byte_value(
     )
     node = flat.tree["dict"][0][1]
     entries: list[ArrayEntry] = []
-    writes: list[ChunkWrite] = []
+    writes: list[ChunkWrite | IndexWrite] = []
+    stored: dict[str, StoredArray] = {}
+
+    def add(entry: ArrayEntry, layout: Any, source: np.ndarray, origin: tuple[int, ...]) -> None:
+        stored[entry.fqn] = plan = plan_storage(layout)
+        entry = dataclasses.replace(entry, layout=plan.layout)
+        entries.append(entry)
+        if plan.mode == "shard":
+            writes.append(IndexWrite.of(entry, plan))
+        writes.extend(ChunkWrite.of(entry, plan, i, source, origin) for i in layout.chunk_indices())
+
     for tfqn, tensor in flat.tensors.items():
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             raise UnsupportedValueError(
@@ -102,9 +117,7 @@ def encode_byte_value(
             inner_bytes=inner_bytes,
         )
         entry = ArrayEntry(tfqn, fqn_to_path(tfqn, checkpoint=path), info, layout)
-        entries.append(entry)
-        origin = (0,) * len(layout.shape)
-        writes.extend(ChunkWrite(entry, idx, source, origin) for idx in layout.chunk_indices())
+        add(entry, layout, source, (0,) * len(layout.shape))
     uint8 = info_for_torch(torch.uint8)
     values = [
         ("pickle", pfqn, pickle_value(pfqn, obj, checkpoint=path))
@@ -115,8 +128,6 @@ def encode_byte_value(
         layout = choose_layout(
             (data.size,), 1, chunk_bytes=chunk_bytes, inner_bytes=inner_bytes
         )
-        path = array_path(vfqn, kind, checkpoint=path)
-        entry = ArrayEntry(vfqn, path, uint8, layout, kind)
-        entries.append(entry)
-        writes.extend(ChunkWrite(entry, idx, data, (0,)) for idx in layout.chunk_indices())
-    return node, entries, writes
+        apath = array_path(vfqn, kind, checkpoint=path)
+        add(ArrayEntry(vfqn, apath, uint8, layout, kind), layout, data, (0,))
+    return node, entries, writes, stored

@@ -9,6 +9,7 @@ state-dict tree from DCP's metadata and flattening mappings.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,9 @@ from ...format._dtypes import info_for_torch
 from ...format._fqn import fqn_to_path
 from ...format._layout import Region
 from ...format._metadata import ArrayEntry, check_unique_paths, parse_entry, root_document
+from ...format._shard import StoredArray, plan_storage
 from ...parallel._planning import ArrayPieces, plan_arrays
+from ...parallel._writer import crc_table
 from ._tree import nonempty, region, tree_from_leaves
 
 __all__ = ["Writers", "build_root", "plan_dcp_arrays"]
@@ -47,8 +50,9 @@ def _tree_tensors(node: Any) -> Iterator[str]:
 
 def plan_dcp_arrays(
     plans: list[SavePlan], path: str, *, chunk_bytes: int, inner_bytes: int
-) -> tuple[list[ArrayEntry], Writers]:
-    """Array entries and, per array, chunk index -> (writer rank, piece offsets)."""
+) -> tuple[list[ArrayEntry], Writers, dict[str, StoredArray]]:
+    """Array entries, per array piece index -> (writer rank, offsets of the DCP
+    piece it is written from), and where each piece is stored."""
     world = len(plans)
     described: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     pieces: dict[str, list[list[Region]]] = {}
@@ -94,10 +98,14 @@ def plan_dcp_arrays(
     )
     entries: list[ArrayEntry] = []
     writers: Writers = {}
+    stored: dict[str, StoredArray] = {}
     seen: dict[str, str] = {}
     for arr, array_plan in zip(arrays, planned, strict=True):
         apath = fqn_to_path(arr.fqn, checkpoint=path)
-        entry = ArrayEntry(arr.fqn, apath, infos[arr.fqn], array_plan.layout)
+        stored[arr.fqn] = plan_storage(
+            array_plan.layout, {index: rank for index, (rank, _) in array_plan.writers.items()}
+        )
+        entry = ArrayEntry(arr.fqn, apath, infos[arr.fqn], stored[arr.fqn].layout)
         if entry.path in seen:
             raise InvalidKeyError(
                 f"keys {seen[entry.path]!r} and {entry.fqn!r} map to the same array path "
@@ -109,24 +117,26 @@ def plan_dcp_arrays(
             index: (rank, tuple(a for a, _ in arr.pieces[rank][k]))
             for index, (rank, k) in array_plan.writers.items()
         }
-    return entries, writers
+    return entries, writers, stored
 
 
 def build_root(
     path: str,
     planned: dict[str, ArrayEntry],
+    stored: dict[str, StoredArray],
     metadata: Metadata,
     results: list[list[WriteResult]],
 ) -> tuple[dict[str, Any], str]:
     """The root document (tree + manifest) of a DCP save, and its checkpoint id.
 
-    ``planned`` are the arrays of the global plan; ``results`` every rank's
-    write results (checked: every chunk written, every leaf has a value).
+    ``planned`` are the arrays of the global plan and ``stored`` where their
+    pieces went; ``results`` every rank's write results (checked: every inner
+    chunk's crc32c reported, every leaf has a value).
     """
     values: dict[str, dict[str, Any]] = {}
     extra: dict[str, ArrayEntry] = {}
     value_arrays: list[ArrayEntry] = []  # pickled objects and large bytes values
-    written = dict.fromkeys(planned, 0)
+    crcs: dict[str, dict[int, int]] = {fqn: {} for fqn in planned}
     for rank_results in results:
         for result in rank_results:
             data = result.storage_data
@@ -148,15 +158,12 @@ def build_root(
                     value_arrays.append(parse_entry(pfqn, raw, checkpoint=path))
                 for bfqn, raw in data.get("bytes", {}).items():
                     value_arrays.append(parse_entry(bfqn, raw, checkpoint=path))
-            else:
-                written[fqn] = written.get(fqn, 0) + len(data["chunks"])
-    for fqn, entry in planned.items():
-        expected = sum(1 for _ in entry.layout.chunk_indices())
-        if written[fqn] != expected:
-            raise DistributedSaveError(
-                f"checkpoint {path!r}: {written[fqn]} of the {expected} chunks of "
-                f"{fqn!r} were written"
-            )
+            elif fqn in crcs:
+                crcs[fqn].update((int(p), int(c)) for p, c in data["crcs"])
+    planned = {
+        fqn: dataclasses.replace(entry, crcs=crc_table(entry, stored[fqn], crcs[fqn]))
+        for fqn, entry in planned.items()
+    }
     sdm = metadata.state_dict_metadata
     mappings = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     order = [k for k in mappings if k in sdm] + [k for k in sdm if k not in mappings]

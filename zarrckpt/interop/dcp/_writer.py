@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import os
@@ -17,10 +18,17 @@ from torch.futures import Future
 
 from ...errors import DistributedSaveError, UnsupportedValueError
 from ...format._dtypes import info_for_torch
-from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
+from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, ArrayLayout
 from ...format._marker import COMMIT_GROUP, ROOT_METADATA
 from ...format._metadata import ArrayEntry, parse_entry
-from ...parallel._writer import ChunkWrite, default_threads, write_arrays
+from ...format._shard import PieceTarget, StoredArray
+from ...parallel._writer import (
+    ChunkWrite,
+    IndexWrite,
+    crc_table,
+    default_threads,
+    write_arrays,
+)
 from ...storage._files import is_dir, lexists
 from ...storage._inplace import (
     check_collisions,
@@ -119,6 +127,7 @@ class ZarrStorageWriter(StorageWriter):
         self._mode = "new"
         self._cleanup: weakref.finalize | None = None
         self._entries: dict[str, ArrayEntry] = {}
+        self._stored: dict[str, StoredArray] = {}
 
     # ------------------------------------------------------------------ identity
     @property
@@ -166,6 +175,7 @@ class ZarrStorageWriter(StorageWriter):
             )
         self._discard_staging()
         self._entries = {}
+        self._stored = {}
 
     def _discard_staging(self) -> None:
         if self._cleanup is not None:
@@ -205,7 +215,7 @@ class ZarrStorageWriter(StorageWriter):
                 "(DefaultSavePlanner(enable_plan_caching=True))"
             )
         world = len(plans)
-        entries, writers = plan_dcp_arrays(
+        entries, writers, stored = plan_dcp_arrays(
             plans, self.path, chunk_bytes=self.chunk_bytes, inner_bytes=self.inner_chunk_bytes
         )
         self._mode = choose_target(self.path, overwrite=self.overwrite)
@@ -221,29 +231,37 @@ class ZarrStorageWriter(StorageWriter):
         # interpreter), or at the writer's next save, whichever comes first
         self._cleanup = weakref.finalize(self, as_staging(self._staging).abort)
         self._entries = {e.fqn: e for e in entries}
+        self._stored = stored
         try:
             out = []
             for rank, plan in enumerate(plans):
                 metadata = [e.fqn for i, e in enumerate(entries) if i % world == rank]
-                chunks: dict[str, list[list[list[int]]]] = {}
+                chunks: dict[str, list[list[Any]]] = {}
                 for entry in entries:
                     mine = [
-                        [list(index), list(offsets)]
+                        [list(index), list(offsets), target_json(stored[entry.fqn], index)]
                         for index, (writer, offsets) in writers[entry.fqn].items()
                         if writer == rank
                     ]
                     if mine:
                         chunks[entry.fqn] = mine
+                indexes = {
+                    fqn: base64.b64encode(a.index_bytes()).decode("ascii")
+                    for fqn, a in stored.items()
+                    if a.mode == "shard" and a.index_writer == rank
+                }
                 share = {
                     STORAGE_TAG: {
                         "staging": self._staging,
                         "rank": rank,
                         "arrays": {
                             fqn: self._entries[fqn].manifest_entry()
-                            for fqn in dict.fromkeys([*metadata, *chunks])
+                            for fqn in dict.fromkeys([*metadata, *chunks, *indexes])
                         },
+                        "pieces": {fqn: pieces_json(stored[fqn]) for fqn in chunks},
                         "metadata": metadata,
                         "chunks": chunks,
+                        "indexes": indexes,
                     }
                 }
                 out.append(dataclasses.replace(plan, storage_data=share))
@@ -282,11 +300,21 @@ class ZarrStorageWriter(StorageWriter):
             if item.tensor_data is not None
         }
         sources: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
-        written: dict[tuple[str, tuple[int, ...]], list[list[int]]] = {key: [] for key in items}
-        chunk_writes: list[ChunkWrite] = []
+        written: dict[tuple[str, tuple[int, ...]], list[ChunkWrite]] = {key: [] for key in items}
+        chunk_writes: list[ChunkWrite | IndexWrite] = [
+            IndexWrite(entries[fqn], base64.b64decode(data))
+            for fqn, data in share["indexes"].items()
+        ]
         for fqn, assigned in share["chunks"].items():
             entry = entries[fqn]
-            for index, offsets in assigned:
+            chunk_shape, inner_shape = share["pieces"][fqn]
+            pieces = ArrayLayout(
+                entry.shape,
+                tuple(chunk_shape),
+                None if inner_shape is None else tuple(inner_shape),
+                entry.layout.itemsize,
+            )
+            for index, offsets, target in assigned:
                 key = (fqn, tuple(offsets))
                 if key not in items:
                     raise DistributedSaveError(
@@ -295,19 +323,14 @@ class ZarrStorageWriter(StorageWriter):
                     )
                 if key not in sources:
                     sources[key] = resolve_tensor(items[key], planner, self.path)
-                chunk_writes.append(ChunkWrite(entry, tuple(index), sources[key], tuple(offsets)))
-                written[key].append(index)
-        results = [
-            WriteResult(
-                index=items[key].index,
-                # an empty shard (e.g. uneven TP) writes nothing and may concern an
-                # array this rank has no record of
-                size_in_bytes=len(chunks) * entries[key[0]].layout.chunk_nbytes if chunks else 0,
-                storage_data={"kind": "tensor", "chunks": chunks},
-            )
-            for key, chunks in written.items()
-        ]
+                write = ChunkWrite(
+                    entry, pieces, tuple(index), sources[key], tuple(offsets), parse_target(target)
+                )
+                chunk_writes.append(write)
+                written[key].append(write)
         metadata = [entries[fqn] for fqn in share["metadata"]]
+        stored: dict[str, StoredArray] = {}
+        byte_items: list[tuple[Any, dict[str, Any], list[ArrayEntry], int]] = []
         for item in plan.items:
             if item.type != WriteItemType.BYTE_IO:
                 continue
@@ -322,7 +345,7 @@ class ZarrStorageWriter(StorageWriter):
                     f"planner resolved byte item {item.index.fqn!r} for checkpoint "
                     f"{self.path!r} to a {type(data).__name__}, expected a BytesIO"
                 )
-            node, extra, extra_writes = encode_byte_value(
+            node, extra, extra_writes, extra_stored = encode_byte_value(
                 item.index.fqn,
                 raw,
                 allow_pickle=self.allow_pickle,
@@ -332,10 +355,36 @@ class ZarrStorageWriter(StorageWriter):
             )
             metadata.extend(extra)
             chunk_writes.extend(extra_writes)
+            stored.update(extra_stored)
+            byte_items.append((item, node, extra, len(raw)))
+        done = write_arrays(staging, metadata, chunk_writes, threads=self.threads, fsync=self.fsync)
+        results = [
+            WriteResult(
+                index=items[key].index,
+                # an empty shard (e.g. uneven TP) writes nothing and may concern an
+                # array this rank has no record of
+                size_in_bytes=sum(w.nbytes for w in writes),
+                storage_data={
+                    "kind": "tensor",
+                    "chunks": [list(w.index) for w in writes],
+                    "crcs": [
+                        [p, done.crcs[key[0]][p]] for w in writes for p in w.target.positions
+                    ],
+                },
+            )
+            for key, writes in written.items()
+        ]
+        for item, node, extra, size in byte_items:
+            extra = [
+                dataclasses.replace(
+                    e, crcs=crc_table(e, stored[e.fqn], done.crcs.get(e.fqn, {}))
+                )
+                for e in extra
+            ]
             results.append(
                 WriteResult(
                     index=item.index,
-                    size_in_bytes=len(raw),
+                    size_in_bytes=size,
                     storage_data={
                         "kind": "bytes",
                         "node": node,
@@ -345,7 +394,6 @@ class ZarrStorageWriter(StorageWriter):
                     },
                 )
             )
-        write_arrays(staging, metadata, chunk_writes, threads=self.threads, fsync=self.fsync)
         if self.fsync:
             as_staging(staging).sync()
         future: Future[list[WriteResult]] = Future()
@@ -378,7 +426,9 @@ class ZarrStorageWriter(StorageWriter):
             self._discard_staging()
 
     def _commit(self, staging: str, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        root, checkpoint_id = build_root(self.path, self._entries, metadata, results)
+        root, checkpoint_id = build_root(
+            self.path, self._entries, self._stored, metadata, results
+        )
         if self._mode == "in place":
             commit_in_place(staging, self.path, root, checkpoint_id, fsync=self.fsync)
         else:
@@ -386,6 +436,23 @@ class ZarrStorageWriter(StorageWriter):
             open_store(self.path).attach(staging).commit(
                 root, checkpoint_id, overwrite=overwrite, fsync=self.fsync
             )
+
+
+def pieces_json(stored: StoredArray) -> list[Any]:
+    """The piece grid's chunk and inner shapes, JSON-able."""
+    inner = stored.pieces.inner_shape
+    return [list(stored.pieces.chunk_shape), None if inner is None else list(inner)]
+
+
+def target_json(stored: StoredArray, index: tuple[int, ...]) -> list[Any]:
+    """Where piece ``index`` goes, as JSON-able values (see :func:`parse_target`)."""
+    t = stored.target(index)
+    return [t.key, list(t.chunk), t.offset, list(t.positions)]
+
+
+def parse_target(raw: list[Any]) -> PieceTarget:
+    key, chunk, offset, positions = raw
+    return PieceTarget(key, tuple(chunk), offset, tuple(positions))
 
 
 def _world_size() -> int:
