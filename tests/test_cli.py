@@ -98,7 +98,7 @@ def test_info_plain_via_installed_script(single: Produced) -> None:
     assert fields["tensors"].strip() == str(ref.tensors)
     assert fields["total_bytes"].split()[0] == str(ref.total_bytes)
     assert fields["dtype float32"].strip().startswith(f"{ref.tensors} tensors")
-    assert fields["format_version"].strip() == "2"
+    assert fields["format_version"].strip() == str(ref.format_version) == "3"
 
 
 def test_info_json(produced: Produced) -> None:

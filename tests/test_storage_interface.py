@@ -137,7 +137,7 @@ def test_chunk_reader_reads_through_the_store_into_the_destination(tmp_path: Pat
     for index in layout.chunk_indices():
         key = f"t/{layout.chunk_key(index)}"
         staging.ensure_dir(key.rpartition("/")[0])
-        staging.write_chunk(key, encode_chunk(layout, index, array, (0, 0)))
+        staging.write_chunk(key, encode_chunk(layout, index, array, (0, 0))[0])
     staging.publish(overwrite=False, fsync=False)
     dest = np.empty_like(array)
     reader = ChunkReader(store, "t", layout, "test")
@@ -189,7 +189,7 @@ class _Source:
 def test_chunk_reader_completes_short_reads_and_raises_at_end_of_data() -> None:
     layout = choose_layout((100,), 8, chunk_bytes=1 << 20, inner_bytes=1 << 20)
     array = np.arange(100, dtype=np.float64)
-    encoded = b"".join(bytes(b) for b in encode_chunk(layout, (0,), array, (0,)))
+    encoded = b"".join(bytes(b) for b in encode_chunk(layout, (0,), array, (0,))[0])
     short = _Reader(encoded, step=7)  # a backend returning 7 bytes per call
     dest = np.empty_like(array)
     ChunkReader(_Source(short), "t", layout, "test").read_into(dest, (0,))
@@ -216,7 +216,7 @@ def test_truncated_chunk_file_raises(tmp_path: Path) -> None:
     staging = store.stage()
     key = f"t/{layout.chunk_key((0,))}"
     staging.ensure_dir(key.rpartition("/")[0])
-    staging.write_chunk(key, encode_chunk(layout, (0,), array, (0,)))
+    staging.write_chunk(key, encode_chunk(layout, (0,), array, (0,))[0])
     staging.publish(overwrite=False, fsync=False)
     with open(store.location(key), "r+b") as f:
         f.truncate(store.size(key) - 10)

@@ -145,6 +145,16 @@ class ArrayLayout:
         rows = min(self.chunk_shape[0], self.inner_shape[0] * k)
         return (rows, *self.inner_shape[1:])
 
+    def block_regions(self, target_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Region]:
+        """Regions of the :meth:`read_block_shape` grid, clipped to the array (none for
+        an array with a zero dimension)."""
+        block = self.read_block_shape(target_bytes) if self.shape else ()
+        ranges = [range(0, s, b) for s, b in zip(self.shape, block, strict=True)]
+        return [
+            tuple((a, min(a + b, s)) for a, b, s in zip(starts, block, self.shape, strict=True))
+            for starts in itertools.product(*ranges)
+        ]
+
     @property
     def index_nbytes(self) -> int:
         """Size of a sharded chunk's index (16 bytes per inner chunk and a crc32c)."""

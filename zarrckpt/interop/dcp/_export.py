@@ -140,7 +140,7 @@ def save_streaming(
                 entry = files.arrays[leaf.node["tensor"]]
                 properties = TensorProperties(dtype=entry.dtype.torch_dtype)
                 size = torch.Size(entry.shape)
-                regions = [entry.layout.chunk_region(i) for i in entry.layout.chunk_indices()]
+                regions = entry.layout.block_regions()
                 if not regions:  # a tensor with a zero dimension: one empty piece
                     regions = [tuple((0, s) for s in entry.shape)]
                 kind = WriteItemType.TENSOR if len(regions) == 1 else WriteItemType.SHARD

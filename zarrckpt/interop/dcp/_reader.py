@@ -139,8 +139,7 @@ class ZarrStorageReader(StorageReader):
             entry = self._entry(files, leaf)
             layout = entry.layout
             chunks = []
-            for index in layout.chunk_indices():
-                region = layout.chunk_region(index)
+            for region in layout.block_regions():
                 chunks.append(
                     ChunkStorageMetadata(
                         offsets=torch.Size([a for a, _ in region]),
