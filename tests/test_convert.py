@@ -504,9 +504,15 @@ def test_dcp_truncated_piece(tmp_path: Path) -> None:
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_to_dcp_writes_one_piece_per_chunk(tmp_path: Path) -> None:
-    """Each stored chunk is one DCP piece (so memory holds about one chunk)."""
-    big = torch.randn(64, 1024)  # 256 KiB, chunks of 64 KiB -> 4 pieces
+def test_to_dcp_writes_one_piece_per_read_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read block (whole inner chunks, READ_BLOCK_BYTES) is one DCP piece, so memory
+    holds about one block."""
+    from zarrckpt.format import _layout
+
+    monkeypatch.setattr(_layout, "READ_BLOCK_BYTES", 64 << 10)
+    big = torch.randn(64, 1024)  # 256 KiB, pieces of 64 KiB -> 4 inner chunks, 4 blocks
     zarrckpt.save({"big": big, "step": 1}, tmp_path / "ckpt", chunk_bytes=64 << 10, fsync=False)
     convert.to_dcp(tmp_path / "ckpt", tmp_path / "dcp", fsync=False)
     import torch.distributed.checkpoint as dcp

@@ -519,7 +519,7 @@ def test_distributed_fsdp2_tp_cross_api(tmp_path):
 
     m_dcp, m_zc = manifest(tmp_path / "dcp_2x2"), manifest(tmp_path / "zarrckpt_2x2")
     assert m_dcp["arrays"] == m_zc["arrays"] and m_dcp["tree"] == m_zc["tree"]
-    assert m_dcp["arrays"]["model.fc1.weight"]["chunk_shape"] == [4, 8]  # 16 rows, 4 ranks
+    assert m_dcp["arrays"]["model.fc1.weight"]["inner_chunk_shape"] == [4, 8]  # 16 rows, 4 ranks
     assert chunk_files(tmp_path / "dcp_2x2") == chunk_files(tmp_path / "zarrckpt_2x2")
     assert sorted(os.listdir(tmp_path)) == [
         "dcp_2x2", "dcp_fsdp2_ws2", "reference.pt", "zarrckpt_2x2", "zarrckpt_fsdp2_ws2"

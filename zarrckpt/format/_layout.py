@@ -30,6 +30,8 @@ Region = tuple[tuple[int, int], ...]  # (start, stop) per dimension
 DEFAULT_CHUNK_BYTES = 64 << 20
 #: chunks larger than this are stored with the sharding codec and inner chunks of about this size
 DEFAULT_INNER_BYTES = 1 << 20
+#: blocks read independently from a shard file (dask chunks, DCP pieces) hold about this much
+READ_BLOCK_BYTES = 64 << 20
 
 
 def _prod(values: Sequence[int]) -> int:
@@ -135,17 +137,19 @@ class ArrayLayout:
         encoding with :attr:`separator`: ``c/0/1`` or ``c.0.1``; ``c`` for a 0-d array)."""
         return self.separator.join(["c", *map(str, index)])
 
-    def read_block_shape(self, target_bytes: int = DEFAULT_CHUNK_BYTES) -> Shape:
-        """Shape of the blocks to read independently (dask chunks): the chunk shape,
-        or for a sharded chunk whole inner chunks grouped along dimension 0 up to
-        about ``target_bytes`` (never past the chunk)."""
+    def read_block_shape(self, target_bytes: int | None = None) -> Shape:
+        """Shape of the blocks to read independently (dask chunks, DCP pieces): the
+        chunk shape, or for a sharded chunk whole inner chunks grouped along
+        dimension 0 up to about ``target_bytes`` (default :data:`READ_BLOCK_BYTES`;
+        never past the chunk)."""
         if self.inner_shape is None or not self.shape:
             return self.chunk_shape
-        k = max(1, target_bytes // max(1, self.inner_nbytes))
+        target = READ_BLOCK_BYTES if target_bytes is None else target_bytes
+        k = max(1, target // max(1, self.inner_nbytes))
         rows = min(self.chunk_shape[0], self.inner_shape[0] * k)
         return (rows, *self.inner_shape[1:])
 
-    def block_regions(self, target_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Region]:
+    def block_regions(self, target_bytes: int | None = None) -> list[Region]:
         """Regions of the :meth:`read_block_shape` grid, clipped to the array (none for
         an array with a zero dimension)."""
         block = self.read_block_shape(target_bytes) if self.shape else ()
