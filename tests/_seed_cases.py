@@ -204,15 +204,17 @@ def relative_to_staging(file_path: str) -> str:
 
 
 @contextlib.contextmanager
-def record_writes() -> Iterator[list[str]]:
-    """Record the chunk files this rank writes (paths relative to the checkpoint)."""
-    written: list[str] = []
+def record_writes() -> Iterator[list[tuple[str, int, int]]]:
+    """Record the chunk-file writes of this rank: (path relative to the checkpoint,
+    byte offset, bytes) - offset 0 for a whole file."""
+    written: list[tuple[str, int, int]] = []
     lock = threading.Lock()
     original = _chunkio.write_file
 
     def spy(path: str, buffers: Any, **kw: Any) -> int:
+        n = sum(memoryview(b).nbytes for b in buffers)
         with lock:
-            written.append(relative_to_staging(path))
+            written.append((relative_to_staging(path), kw.get("offset") or 0, n))
         return original(path, buffers, **kw)
 
     _chunkio.write_file = spy

@@ -9,12 +9,16 @@ hanging it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 
 import _seed_cases as cases
+import numpy as np
 import pytest
+
+from zarrckpt.format._shard import PAGE_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -118,50 +122,65 @@ def test_async_save_distributed(spawned: cases.SpawnCache) -> None:
 # --------------------------------------------------------------------------- single writer
 
 
-def _chunk_key(coords: list[int]) -> str:
-    return "/".join(["c", *map(str, coords)])
-
-
 def _check_single_writer(base: str, name: str, results: list[dict], world_size: int) -> dict:
+    """Format 3: every byte of a shard file is written by exactly one rank, ranks never
+    share a page of one, each rank writes the inner chunks of its own shard, and every
+    replicated tensor is one file written by one rank."""
     path = os.path.join(base, name)
     with open(os.path.join(path, "zarr.json")) as f:
         manifest = json.load(f)["attributes"]["zarrckpt"]
     on_disk = cases.chunk_files_on_disk(path)
-    written = [set(r["written"]) for r in results]
-    # every chunk file written by exactly one rank
-    for a in range(world_size):
-        for b in range(a + 1, world_size):
-            assert not written[a] & written[b], (
-                f"ranks {a} and {b} both wrote {written[a] & written[b]}"
-            )
-    assert sum(len(w) for w in written) == sum(len(r["written"]) for r in results)
-    all_written = set().union(*written)
-    all_on_disk = set().union(*on_disk.values())
-    assert all_written == all_on_disk
-    writer_of = {f: rank for rank, w in enumerate(written) for f in w}
+    writes: dict[str, list[tuple[int, int, int]]] = {}  # file -> (start, end, rank)
+    for rank, r in enumerate(results):
+        for file, offset, n in r["written"]:
+            writes.setdefault(file, []).append((offset, offset + n, rank))
+    assert set(writes) == set().union(*on_disk.values())
+    for file, ranges in writes.items():
+        ranges.sort()
+        for (s0, e0, r0), (s1, e1, r1) in itertools.pairwise(ranges):
+            assert e0 <= s1, (file, "overlapping writes", (s0, e0, r0), (s1, e1, r1))
+            if r0 != r1:
+                assert (e0 - 1) // PAGE_BYTES < s1 // PAGE_BYTES, (file, "shared page", r0, r1)
+        assert ranges[-1][1] == os.path.getsize(os.path.join(path, file)), file
 
     placements = results[0]["placements"]
     replicated_writers = []
     for fqn, info in manifest["arrays"].items():
-        doc = cases.array_document(path, fqn)
-        shape = doc["shape"]
-        chunk_shape = doc["chunk_grid"]["configuration"]["chunk_shape"]
-        n_chunks = math.prod(-(-s // c) for s, c in zip(shape, chunk_shape, strict=True))
-        assert len(on_disk[fqn]) == n_chunks, (fqn, sorted(on_disk[fqn]))
+        files = sorted(on_disk[fqn])
+        assert len(files) == 1, (fqn, files)  # one file per tensor, whatever the world size
+        ranges = writes[files[0]]
         shards = [p for p in placements.get(fqn, []) if p.startswith("S(")]
         if shards:
-            # chunk shape == local shard shape, and each rank writes its own shard
+            dim = int(shards[0][2:-1])
+            inner = info["inner_chunk_shape"]
+            with open(os.path.join(path, files[0]), "rb") as f:
+                index = np.frombuffer(f.read(16 * _n_inner(info) + 4)[:-4], "<u8").reshape(-1, 2)
+            grid = [-(-s // c) for s, c in zip(info["chunk_shape"], inner, strict=True)]
             for rank, r in enumerate(results):
-                assert chunk_shape == r["local_shapes"][fqn], (fqn, rank, chunk_shape)
-                coords = [0] * len(shape)
-                coords[int(shards[0][2:-1])] = rank
-                key = f"{info['path']}/{_chunk_key(coords)}"
-                assert writer_of[key] == rank, (fqn, key, writer_of[key])
-        else:  # plain tensors and Replicate() DTensors: one chunk here, one writer
-            assert n_chunks == 1, fqn
-            (f,) = on_disk[fqn]
-            replicated_writers.append(writer_of[f])
+                local = r["local_shapes"][fqn]
+                assert local[dim] % inner[dim] == 0 and all(
+                    a == b for i, (a, b) in enumerate(zip(local, inner, strict=True)) if i != dim
+                ), (fqn, rank, inner, local)
+                # the inner chunks of rank's shard lie in byte ranges that rank wrote
+                per = local[dim] // inner[dim]
+                for k in range(rank * per, (rank + 1) * per):
+                    coords = [0] * len(inner)
+                    coords[dim] = k
+                    position = int(np.ravel_multi_index(coords, grid))
+                    start, n = (int(x) for x in index[position])
+                    assert any(
+                        a <= start and start + n <= e and w == rank for a, e, w in ranges
+                    ), (fqn, rank, k)
+        else:  # plain tensors and Replicate() DTensors: one file, one writer
+            assert len({w for _, _, w in ranges}) == 1, (fqn, ranges)
+            replicated_writers.append(ranges[0][2])
     return {"replicated_writers": replicated_writers}
+
+
+def _n_inner(info: dict) -> int:
+    return math.prod(
+        -(-s // c) for s, c in zip(info["chunk_shape"], info["inner_chunk_shape"], strict=True)
+    )
 
 
 @pytest.mark.parametrize(

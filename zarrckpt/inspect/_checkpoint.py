@@ -210,7 +210,12 @@ class Checkpoint:
         self._files.check_metadata(entry)
         # zarr-python opens the array's files by path: refuse links and FIFOs first
         self._files.store.check_entries(entry.path)
-        store = LocalStore(self.path, read_only=True)
+        from ._zarr_binding import BindingStore
+
+        # every chunk zarr reads must carry the crc32c the manifest records for its place
+        store = BindingStore(
+            LocalStore(self.path, read_only=True), entry, self._files.what(entry)
+        )
         try:
             return zarr.open_array(store, path=entry.path, mode="r")
         except (ValueError, KeyError, TypeError) as e:
