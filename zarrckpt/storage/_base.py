@@ -305,6 +305,12 @@ class Store(ABC):
         """The staging ``token`` that another process created with :meth:`stage`
         (waits until this process can see it; ``rank`` is named in the error)."""
 
+    def stale_stagings(self) -> list[str]:
+        """Where the stagings of dead saves to this location are (locations as in
+        messages; nothing by default). :meth:`stage` removes them; a staging of a
+        save still running is never listed."""
+        return []
+
     @abstractmethod
     def remove(self) -> None:
         """Delete whatever is at the location (nothing there is fine)."""
