@@ -24,6 +24,7 @@ __all__ = [
     "UnsupportedValueError",
     "DistributedSaveError",
     "InvalidPathError",
+    "StorageError",
 ]
 
 
@@ -103,3 +104,23 @@ class DistributedSaveError(ZarrCkptError, RuntimeError):
 class InvalidPathError(ZarrCkptError, ValueError):
     """A path zarrckpt cannot use: empty, an object-store URL (not supported
     yet), or ``storage_options`` given for a local path."""
+
+
+class StorageError(ZarrCkptError, OSError):
+    """Reading or writing a checkpoint's storage failed: no space left, an I/O
+    error, permission denied, a read-only filesystem, ...
+
+    ``errno`` is the failed operation's; the message says what was being done
+    (the checkpoint path, and for a read the key and chunk) and names the file.
+    A failed save leaves the previous checkpoint at its path as it was.
+    """
+
+    @classmethod
+    def wrap(cls, error: OSError, doing: str) -> ZarrCkptError:
+        """The error for ``error`` raised while ``doing`` (``error`` itself if it is a
+        zarrckpt error already)."""
+        if isinstance(error, ZarrCkptError):
+            return error
+        reason = error.strerror or str(error) or type(error).__name__
+        where = f" (file {error.filename!r})" if error.filename else ""
+        return cls(error.errno, f"{doing} failed: {reason}{where}")

@@ -25,6 +25,7 @@ import os
 import stat
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,7 +359,15 @@ def open_store(path: str | os.PathLike[str] | Store) -> Store:
     A store is returned as it is."""
     if isinstance(path, Store):
         return path
-    return LocalStore(os.fspath(path))
+    store: Store = LocalStore(os.fspath(path))
+    for wrap in STORE_WRAPPERS:
+        store = wrap(store)
+    return store
+
+
+#: functions applied to every store :func:`open_store` opens, in order (tests wrap
+#: stores with fault injection here: tests/_faults.py); empty in normal use
+STORE_WRAPPERS: list[Callable[[Store], Store]] = []
 
 
 def as_staging(staging: str | Staging) -> Staging:
