@@ -122,5 +122,6 @@ class StorageError(ZarrCkptError, OSError):
         if isinstance(error, ZarrCkptError):
             return error
         reason = error.strerror or str(error) or type(error).__name__
-        where = f" (file {error.filename!r})" if error.filename else ""
+        named = not error.filename or str(error.filename) in doing
+        where = "" if named else f" (file {error.filename!r})"
         return cls(error.errno, f"{doing} failed: {reason}{where}")
