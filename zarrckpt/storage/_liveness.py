@@ -208,9 +208,11 @@ def stale_stagings(parent: str, prefix: str) -> list[str]:
 
 
 def remove_stale(paths: list[str]) -> None:
-    """Remove stale stagings with their owner records (gone meanwhile is fine)."""
+    """Remove stale stagings with their owner records, as far as possible (gone
+    meanwhile is fine; one that cannot be removed stays, and the save goes on)."""
     for path in paths:
-        _posix.remove_tree(path)
-        if not path.endswith(OWNER_SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
+            _posix.remove_tree(path)
+        if not path.endswith(OWNER_SUFFIX) and not os.path.lexists(path):
+            with contextlib.suppress(OSError):
                 os.unlink(path + OWNER_SUFFIX)
