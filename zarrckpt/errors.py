@@ -24,6 +24,7 @@ __all__ = [
     "UnsupportedValueError",
     "DistributedSaveError",
     "InvalidPathError",
+    "ObjectStoreError",
 ]
 
 
@@ -101,5 +102,12 @@ class DistributedSaveError(ZarrCkptError, RuntimeError):
 
 
 class InvalidPathError(ZarrCkptError, ValueError):
-    """A path zarrckpt cannot use: empty, an object-store URL (not supported
-    yet), or ``storage_options`` given for a local path."""
+    """A path zarrckpt cannot use: empty, an object-store URL of an unsupported
+    scheme, unknown ``storage_options``, or ``storage_options`` given for a local path."""
+
+
+class ObjectStoreError(ZarrCkptError, OSError):
+    """An object-store request failed: the server kept failing (5xx, throttling,
+    timeouts, dropped connections) until the retry bound ran out, or it refused
+    the request (4xx: credentials, permissions, a missing bucket). The message
+    names the key, the location and the request."""

@@ -152,6 +152,12 @@ class LocalStore(Store):
         with _PIN_LOCK:
             self._pin[:] = [handle] if handle is not None else []
 
+    def zarr_store(self) -> Any:
+        """A read-only zarr-python store of the checkpoint directory."""
+        from zarr.storage import LocalStore as ZarrLocalStore
+
+        return ZarrLocalStore(self.path, read_only=True)
+
     def read_committed_root(self) -> dict[str, Any]:
         self.pin()
         return super().read_committed_root()
@@ -485,12 +491,28 @@ def write_commit_marker(
 
 
 def open_store(path: str | os.PathLike[str] | Store) -> Store:
-    """The store of a checkpoint location: a :class:`LocalStore` for every path
-    today (callers validate paths first, :func:`~zarrckpt.storage._paths.check_path`).
+    """The store of a checkpoint location: an
+    :class:`~zarrckpt.storage._object.ObjectStore` for an object-store URL (with
+    the ``storage_options`` an :class:`~zarrckpt.storage._object_config.ObjectPath`
+    carries; else from the environment), a :class:`LocalStore` for any other
+    path (callers validate paths first, :func:`~zarrckpt.storage._paths.check_path`).
     A store is returned as it is."""
     if isinstance(path, Store):
         return path
-    return LocalStore(os.fspath(path))
+    p = os.fspath(path)
+    if is_object_url(p):
+        from ._object import ObjectStore
+
+        return ObjectStore(p, getattr(p, "storage_options", None))
+    return LocalStore(p)
+
+
+def is_object_url(path: str) -> bool:
+    """True for a URL served by the object-store backend (``s3://...``)."""
+    from ._object_config import OBJECT_SCHEMES
+
+    scheme, sep, _rest = path.partition("://")
+    return bool(sep) and scheme.lower() in OBJECT_SCHEMES
 
 
 def as_staging(staging: str | Staging) -> Staging:
