@@ -519,4 +519,11 @@ def as_staging(staging: str | Staging) -> Staging:
     """A staging given as a directory path (the DCP plug-in's string tokens) or as it is."""
     if isinstance(staging, Staging):
         return staging
+    from ._object_staging import TOKEN_PREFIX
+
+    if staging.startswith(TOKEN_PREFIX):  # never a directory: object stores attach by store
+        raise InvalidPathError(
+            f"{staging!r} is the staging of an object-store save, not a staging directory; "
+            "attach to it with ObjectStore.attach"
+        )
     return LocalStaging(staging)

@@ -78,7 +78,7 @@ def from_dcp(
     -------
     ConvertResult
     """
-    src, dst = check_path(src_dir, role="source"), check_path(dst, role="destination")
+    src, dst = check_path(src_dir, role="source", local_only="reading DCP checkpoints"), check_path(dst, role="destination")
     source = DcpSource(src, allow_pickle=allow_pickle)
     nodes: dict[str, dict[str, Any]] = {}
     value_tensors: dict[str, torch.Tensor] = {}

@@ -81,7 +81,7 @@ class ZarrStorageReader(StorageReader):
         self, path: PathLike, *, allow_pickle: bool = False, threads: int | None = None
     ) -> None:
         super().__init__()
-        self.path = check_path(path)
+        self.path = check_path(path, local_only="the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)")
         self.allow_pickle = allow_pickle
         self.threads = threads or default_threads()
         self.load_id = uuid.uuid4().hex
@@ -105,7 +105,7 @@ class ZarrStorageReader(StorageReader):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new load, from ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = check_path(checkpoint_id)
+            self.path = check_path(checkpoint_id, local_only="the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)")
         self.load_id = uuid.uuid4().hex
         self._files = None
         self._leaves = {}

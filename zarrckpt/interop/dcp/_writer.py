@@ -105,7 +105,7 @@ class ZarrStorageWriter(StorageWriter):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = check_path(path)
+        self.path = check_path(path, local_only="the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)")
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.fsync = fsync
@@ -141,7 +141,7 @@ class ZarrStorageWriter(StorageWriter):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new save, at ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = check_path(checkpoint_id)
+            self.path = check_path(checkpoint_id, local_only="the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)")
         self.save_id = uuid.uuid4().hex
 
     def storage_meta(self) -> StorageMeta | None:
