@@ -48,15 +48,16 @@ class S3Server:
 
     def options(self, **extra: Any) -> dict[str, Any]:
         """``storage_options`` for this server (no environment needed)."""
-        return {
+        options = {
             "endpoint": self.endpoint,
             "region": REGION,
             "access_key_id": ACCESS_KEY,
             "secret_access_key": SECRET_KEY,
             "max_retries": 2,
             "retry_timeout": 10,
-            **extra,
         }
+        options.update(extra)
+        return options
 
     def new_bucket(self) -> str:
         """Create a fresh bucket; return its name."""
@@ -147,7 +148,8 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
