@@ -38,8 +38,9 @@ def load_layout(
     _apply(model, optim, sd, layout)
     got = flat_tensors(full(state(model, optim, layout)))
     mismatched = [
-        k for k, v in ref.items() if k not in got or got[k].dtype != v.dtype
-        or not torch.equal(got[k], v)
+        k
+        for k, v in ref.items()
+        if k not in got or got[k].dtype != v.dtype or not torch.equal(got[k], v)
     ]
     return {"mismatched": mismatched, "compared": len(ref)}
 

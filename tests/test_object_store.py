@@ -185,8 +185,9 @@ def test_refuses_a_prefix_holding_other_objects(s3_server, s3_url):
     store = ObjectStore(s3_url, s3_server.options())
     obstore.put(store.client, store.full_key("notes.txt"), b"mine")
     with pytest.raises(CheckpointExistsError, match="not a zarrckpt checkpoint"):
-        zarrckpt.save({"a": torch.ones(1)}, s3_url, storage_options=s3_server.options(),
-                      overwrite=True)
+        zarrckpt.save(
+            {"a": torch.ones(1)}, s3_url, storage_options=s3_server.options(), overwrite=True
+        )
     assert store.object_keys() == ["notes.txt"]
     with pytest.raises(CheckpointNotFoundError, match="notes.txt"):
         zarrckpt.open(s3_url, storage_options=s3_server.options())

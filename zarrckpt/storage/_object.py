@@ -25,6 +25,7 @@ raises :class:`~zarrckpt.errors.ObjectStoreError` naming the key.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -87,8 +88,9 @@ class ObjectStore(Store):
         """A read-only zarr-python store rooted at the checkpoint (``zarr.storage.ObjectStore``)."""
         from zarr.storage import ObjectStore as ZarrObjectStore
 
-        return ZarrObjectStore(build_client(self.path, self.storage_options, rooted=True),
-                               read_only=True)
+        return ZarrObjectStore(
+            build_client(self.path, self.storage_options, rooted=True), read_only=True
+        )
 
     # ------------------------------------------------------------------ client
 
@@ -130,7 +132,7 @@ class ObjectStore(Store):
                 "(4xx: credentials, permissions, no such bucket) are not retried"
             ) from None
 
-    def _list(self, key: str) -> Iterator[dict[str, Any]]:
+    def _list(self, key: str) -> Iterator[Any]:
         """Every object below the prefix ``key`` (recursive)."""
         import obstore
 
@@ -149,7 +151,7 @@ class ObjectStore(Store):
         skip = len(self.full_key("")) + 1 if self.prefix else 0
         return sorted(o["path"][skip:] for o in self._list(key))
 
-    def _head(self, key: str) -> dict[str, Any] | None:
+    def _head(self, key: str) -> Any:
         import obstore
 
         try:
@@ -305,7 +307,7 @@ class ObjectStore(Store):
 
         for i in range(0, len(keys), 1000):
             batch = [self.full_key(k) for k in keys[i : i + 1000]]
-            self.call("DELETE", keys[i], lambda b=batch: obstore.delete(self.client, b))
+            self.call("DELETE", keys[i], functools.partial(obstore.delete, self.client, batch))
 
     def stage(self) -> ObjectStaging:
         """Clear the prefix (the marker first) and record the save."""

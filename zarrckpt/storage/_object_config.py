@@ -46,6 +46,8 @@ _ALIASES = {
     "region_name": "region",
 }
 _CLIENT_KEYS = ("allow_http", "timeout", "connect_timeout", "allow_invalid_certificates")
+
+
 class ObjectPath(str):
     """An object-store URL that carries its ``storage_options`` through the
     layers that pass paths around as strings (``check_path`` returns it;
@@ -124,9 +126,7 @@ def _import_obstore() -> Any:
     return obstore.store
 
 
-def build_client(
-    url: str, storage_options: dict[str, Any] | None, *, rooted: bool = False
-) -> Any:
+def build_client(url: str, storage_options: dict[str, Any] | None, *, rooted: bool = False) -> Any:
     """The obstore store of ``url``'s bucket (keys are relative to the bucket;
     with ``rooted``, relative to the URL's prefix: the store zarr-python reads).
 
@@ -156,8 +156,10 @@ def build_client(
         if anon in options:
             options["skip_signature"] = bool(options.pop(anon))
     client = {k: options.pop(k) for k in _CLIENT_KEYS if k in options}
-    endpoint = options.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3") or (
-        os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        options.get("endpoint")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or (os.environ.get("AWS_ENDPOINT_URL"))
     )
     if endpoint and str(endpoint).startswith("http://"):
         client.setdefault("allow_http", True)
