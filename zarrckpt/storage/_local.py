@@ -19,7 +19,6 @@ call time (``_posix.write_file(...)``) so that tests can inject faults there.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -38,7 +37,8 @@ from ..format._marker import (
     marker_document,
 )
 from . import _posix
-from ._base import Kind, RangeReader, Staging, Store
+from ._base import Kind, Staging, Store
+from ._local_reader import LocalRangeReader, _DirHandle
 from ._paths import (
     STAGING_INFIX,
     describe_contents,
@@ -60,43 +60,6 @@ def _join(root: str, key: str) -> str:
     if root and not root.endswith("/"):
         return f"{root}/{key}"
     return os.path.join(root, *key.split("/"))
-
-
-class LocalRangeReader(RangeReader):
-    """A file open for ``preadv`` (takes ownership of the descriptor)."""
-
-    def __init__(self, fd: int, size: int | None = None) -> None:
-        self._fd: int | None = fd
-        self._size = size
-
-    @property
-    def size(self) -> int:
-        if self._size is None:
-            if self._fd is None:
-                raise ValueError("size of a closed reader")
-            self._size = os.fstat(self._fd).st_size
-        return self._size
-
-    def readv_into(self, buffers: list[memoryview], offset: int) -> int:
-        if self._fd is None:
-            raise ValueError("read from a closed reader")
-        return _posix.preadv(self._fd, buffers, offset)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-
-class _DirHandle:
-    """An open checkpoint directory, closed when the last store holding it goes."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 _PIN_LOCK = threading.Lock()
