@@ -91,10 +91,15 @@ def save(
         Group of the ranks taking part; default: the default group when
         torch.distributed is initialized, else this process alone.
     overwrite
-        Replace an existing checkpoint at ``path``. The replacement is atomic:
-        the path holds the old checkpoint until the new one is committed.
+        Replace an existing checkpoint at ``path``. On a local path the
+        replacement is atomic: the path holds the old checkpoint until the new
+        one is committed. On an object store it is not: the old checkpoint is
+        deleted (its commit marker first) before the new one is written
+        (docs/object-storage.md).
     storage_options
-        Options for remote stores (unused for local paths).
+        Object-store client options for ``s3://`` URLs (endpoint, region,
+        credentials, retries: docs/object-storage.md); must be None for local
+        paths.
     allow_pickle
         Store leaves that are neither tensors nor JSON values with pickle.
         Without it such leaves raise :class:`~zarrckpt.errors.UnsafeCheckpointError`.
@@ -248,7 +253,8 @@ def load(
         ``missing_keys``, except meta-device tensors, which have no values to
         keep: they always raise.
     storage_options
-        Options for remote stores (unused for local paths).
+        Object-store client options for ``s3://`` URLs (docs/object-storage.md);
+        must be None for local paths.
     allow_pickle
         Allow loading a checkpoint that holds pickled objects (never for
         checkpoints from untrusted sources).

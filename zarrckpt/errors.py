@@ -25,6 +25,7 @@ __all__ = [
     "DistributedSaveError",
     "InvalidPathError",
     "StorageError",
+    "ObjectStoreError",
 ]
 
 
@@ -102,8 +103,8 @@ class DistributedSaveError(ZarrCkptError, RuntimeError):
 
 
 class InvalidPathError(ZarrCkptError, ValueError):
-    """A path zarrckpt cannot use: empty, an object-store URL (not supported
-    yet), or ``storage_options`` given for a local path."""
+    """A path zarrckpt cannot use: empty, an object-store URL of an unsupported
+    scheme, unknown ``storage_options``, or ``storage_options`` given for a local path."""
 
 
 class StorageError(ZarrCkptError, OSError):
@@ -125,3 +126,10 @@ class StorageError(ZarrCkptError, OSError):
         named = not error.filename or str(error.filename) in doing
         where = "" if named else f" (file {error.filename!r})"
         return cls(error.errno, f"{doing} failed: {reason}{where}")
+
+
+class ObjectStoreError(StorageError):
+    """An object-store request failed: the server kept failing (5xx, throttling,
+    timeouts, dropped connections) until the retry bound ran out, or it refused
+    the request (4xx: credentials, permissions, a missing bucket). The message
+    names the key, the location and the request."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format._marker import (
@@ -150,10 +150,14 @@ class Staging(ABC):
 
 
 class Store(ABC):
-    """One checkpoint location (a local path; an object-store URL later). Picklable."""
+    """One checkpoint location (a local path or an object-store URL). Picklable."""
 
     #: the location as the user gave it (used in messages)
     path: str
+    #: True when ranks can write into one object together at offsets
+    #: (:meth:`Staging.write_at`, a POSIX file); False on object stores, where
+    #: writers write one object per chunk piece
+    shared_files: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ probing
 
@@ -288,6 +292,16 @@ class Store(ABC):
                     "directory (a symbolic link, a device or a FIFO); a checkpoint holds only "
                     "regular files and directories"
                 )
+
+    @abstractmethod
+    def zarr_store(self) -> Any:
+        """A read-only zarr-python store rooted at the location (for plain zarr reads)."""
+
+    def leftovers(self) -> list[str]:
+        """Keys at the location that belong to no committed checkpoint (objects of
+        a save that died). Local saves write into a separate staging directory, so
+        a local checkpoint never has any."""
+        return []
 
     # ------------------------------------------------------------------ writing
 

@@ -19,7 +19,6 @@ call time (``_posix.write_file(...)``) so that tests can inject faults there.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -31,7 +30,8 @@ from typing import Any
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError, InvalidPathError
 from . import _liveness, _posix
-from ._base import Kind, RangeReader, Staging, Store
+from ._base import Kind, Staging, Store
+from ._local_reader import LocalRangeReader, _DirHandle
 from ._local_staging import LocalStaging, _join, write_commit_marker
 from ._paths import (
     STAGING_INFIX,
@@ -44,43 +44,6 @@ from ._paths import (
 )
 
 __all__ = ["LocalStore", "LocalStaging", "LocalRangeReader", "open_store", "write_commit_marker"]
-
-
-class LocalRangeReader(RangeReader):
-    """A file open for ``preadv`` (takes ownership of the descriptor)."""
-
-    def __init__(self, fd: int, size: int | None = None) -> None:
-        self._fd: int | None = fd
-        self._size = size
-
-    @property
-    def size(self) -> int:
-        if self._size is None:
-            if self._fd is None:
-                raise ValueError("size of a closed reader")
-            self._size = os.fstat(self._fd).st_size
-        return self._size
-
-    def readv_into(self, buffers: list[memoryview], offset: int) -> int:
-        if self._fd is None:
-            raise ValueError("read from a closed reader")
-        return _posix.preadv(self._fd, buffers, offset)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-
-class _DirHandle:
-    """An open checkpoint directory, closed when the last store holding it goes."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 _PIN_LOCK = threading.Lock()
@@ -135,6 +98,12 @@ class LocalStore(Store):
             handle = None
         with _PIN_LOCK:
             self._pin[:] = [handle] if handle is not None else []
+
+    def zarr_store(self) -> Any:
+        """A read-only zarr-python store of the checkpoint directory."""
+        from zarr.storage import LocalStore as ZarrLocalStore
+
+        return ZarrLocalStore(self.path, read_only=True)
 
     def read_committed_root(self) -> dict[str, Any]:
         self.pin()
@@ -354,15 +323,33 @@ class LocalStore(Store):
 
 
 def open_store(path: str | os.PathLike[str] | Store) -> Store:
-    """The store of a checkpoint location: a :class:`LocalStore` for every path
-    today (callers validate paths first, :func:`~zarrckpt.storage._paths.check_path`).
-    A store is returned as it is."""
+    """The store of a checkpoint location: an
+    :class:`~zarrckpt.storage._object.ObjectStore` for an object-store URL (with
+    the ``storage_options`` an :class:`~zarrckpt.storage._object_config.ObjectPath`
+    carries; else from the environment), a :class:`LocalStore` for any other
+    path (callers validate paths first, :func:`~zarrckpt.storage._paths.check_path`).
+    A store is returned as it is; new stores go through :data:`STORE_WRAPPERS`."""
     if isinstance(path, Store):
         return path
-    store: Store = LocalStore(os.fspath(path))
+    p = os.fspath(path)
+    store: Store
+    if is_object_url(p):
+        from ._object import ObjectStore
+
+        store = ObjectStore(p, getattr(p, "storage_options", None))
+    else:
+        store = LocalStore(p)
     for wrap in STORE_WRAPPERS:
         store = wrap(store)
     return store
+
+
+def is_object_url(path: str) -> bool:
+    """True for a URL served by the object-store backend (``s3://...``)."""
+    from ._object_config import OBJECT_SCHEMES
+
+    scheme, sep, _rest = path.partition("://")
+    return bool(sep) and scheme.lower() in OBJECT_SCHEMES
 
 
 #: functions applied to every store :func:`open_store` opens, in order (tests wrap
@@ -374,4 +361,11 @@ def as_staging(staging: str | Staging) -> Staging:
     """A staging given as a directory path (the DCP plug-in's string tokens) or as it is."""
     if isinstance(staging, Staging):
         return staging
+    from ._object_staging import TOKEN_PREFIX
+
+    if staging.startswith(TOKEN_PREFIX):  # never a directory: object stores attach by store
+        raise InvalidPathError(
+            f"{staging!r} is the staging of an object-store save, not a staging directory; "
+            "attach to it with ObjectStore.attach"
+        )
     return LocalStaging(staging)
