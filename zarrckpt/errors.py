@@ -24,6 +24,7 @@ __all__ = [
     "UnsupportedValueError",
     "DistributedSaveError",
     "InvalidPathError",
+    "InvalidArgumentError",
 ]
 
 
@@ -103,3 +104,8 @@ class DistributedSaveError(ZarrCkptError, RuntimeError):
 class InvalidPathError(ZarrCkptError, ValueError):
     """A path zarrckpt cannot use: empty, an object-store URL (not supported
     yet), or ``storage_options`` given for a local path."""
+
+
+class InvalidArgumentError(ZarrCkptError, ValueError):
+    """An argument value zarrckpt cannot use (a retention count below 1, a negative
+    step, ...); the message names the argument and what is expected."""
