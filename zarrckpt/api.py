@@ -41,7 +41,7 @@ def _file_source_opener() -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _options(
+def save_options(
     overwrite: bool,
     allow_pickle: bool,
     fsync: bool,
@@ -124,14 +124,28 @@ def save(
     zarrckpt.errors.DistributedSaveError
         Another rank failed; nothing was committed.
     """
+    options = save_options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
+    save_with_extra(state_dict, path, options, process_group, storage_options, extra={})
+
+
+def save_with_extra(
+    state_dict: Any,
+    path: PathLike,
+    options: SaveOptions,
+    process_group: Any,
+    storage_options: dict[str, Any] | None,
+    *,
+    extra: dict[str, Any],
+) -> None:
+    """:func:`save` with ``extra`` members in the manifest (JSON; the checkpoint
+    manager stores the step and its metrics there). Not public API."""
     path = check_path(path, storage_options=storage_options)
-    options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     op = Operation("save", path, comm)
     local = comm.agree(
         lambda: prepare_local(state_dict, path, options), f"preparing the save of {path!r}"
     )
-    op.saved(save_collective(local, path, options, comm, extra={}))
+    op.saved(save_collective(local, path, options, comm, extra=extra))
 
 
 # --------------------------------------------------------------------------- async
@@ -179,8 +193,23 @@ def async_save(
         Resolves to None when the checkpoint is committed; ``result()``
         raises the save's error otherwise. It cannot be cancelled.
     """
+    options = save_options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
+    return async_save_with_extra(
+        state_dict, path, options, process_group, storage_options, extra={}
+    )
+
+
+def async_save_with_extra(
+    state_dict: Any,
+    path: PathLike,
+    options: SaveOptions,
+    process_group: Any,
+    storage_options: dict[str, Any] | None,
+    *,
+    extra: dict[str, Any],
+) -> Future[None]:
+    """:func:`async_save` with ``extra`` members in the manifest. Not public API."""
     path = check_path(path, storage_options=storage_options)
-    options = _options(overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads)
     comm = Comm.from_group(process_group)
     op = Operation("async_save", path, comm)
     background = op.watch(_async.background_comm(comm))
@@ -191,7 +220,7 @@ def async_save(
 
     def run() -> None:
         try:
-            op.saved(save_collective(lease.state, path, options, background, extra={}))
+            op.saved(save_collective(lease.state, path, options, background, extra=extra))
         except BaseException as e:
             op.failed(e)
             _async.raise_if_group_destroyed(background, path, e)

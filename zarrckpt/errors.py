@@ -26,6 +26,7 @@ __all__ = [
     "InvalidPathError",
     "StorageError",
     "ObjectStoreError",
+    "InvalidArgumentError",
 ]
 
 
@@ -133,3 +134,8 @@ class ObjectStoreError(StorageError):
     timeouts, dropped connections) until the retry bound ran out, or it refused
     the request (4xx: credentials, permissions, a missing bucket). The message
     names the key, the location and the request."""
+
+
+class InvalidArgumentError(ZarrCkptError, ValueError):
+    """An argument value zarrckpt cannot use (a retention count below 1, a negative
+    step, ...); the message names the argument and what is expected."""

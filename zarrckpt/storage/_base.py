@@ -36,6 +36,7 @@ from ..format._marker import (
     check_marker,
     check_root,
 )
+from ._paths import STAGING_INFIX
 
 __all__ = ["RangeReader", "Staging", "Store", "Kind"]
 
@@ -271,6 +272,31 @@ class Store(ABC):
             return FORMAT_NAME in root.get("attributes", {})
         except (OSError, ValueError, AttributeError):
             return False
+
+    def staging_owner(self, name: str) -> str | None:
+        """The entry whose save left ``name`` behind, when ``name`` (an entry directly
+        below this location) is the staging of a save that never finished; else None.
+
+        Locations nested below this one (a checkpoint manager's root holding step
+        checkpoints) stage their saves here: the local store as the hidden sibling
+        ``.<entry>.zarrckpt-tmp-<id>``.
+        """
+        if not name.startswith(".") or STAGING_INFIX not in name:
+            return None
+        owner = name[1 : name.index(STAGING_INFIX)]
+        return owner or None
+
+    def tree_size(self, key: str = "") -> int:
+        """Total bytes of the objects at and below ``key`` (0 for nothing there)."""
+        kind = self.kind(key)
+        if kind == "file":
+            return self.size(key)
+        if kind != "dir":
+            return 0
+        total = 0
+        for name in self.list_dir(key):
+            total += self.tree_size(f"{key}/{name}" if key else name)
+        return total
 
     def check_entries(self, key: str) -> None:
         """Refuse a prefix holding anything but objects and prefixes (for readers
