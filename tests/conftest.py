@@ -158,3 +158,18 @@ def ckpt_dir(tmp_path: Any) -> Any:
     d = tmp_path / "ckpts"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Any:
+    """A real S3 server (moto) on 127.0.0.1 for the whole test session (tests/_s3.py)."""
+    from _s3 import moto_server
+
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_url(s3_server: Any) -> str:
+    """``s3://<fresh bucket>/ckpt``: an empty checkpoint prefix on the loopback server."""
+    return f"s3://{s3_server.new_bucket()}/ckpt"

@@ -1,7 +1,7 @@
 """The layer rule of the package, checked by import-linter as CI runs it.
 
 ``pyproject.toml`` ([tool.importlinter]) declares the layers
-``format <- storage <- parallel <- api <- (interop | inspect) <- cli``: a module
+``format <- storage <- parallel <- api <- (interop | inspect | manager) <- cli``: a module
 imports only from its own layer and the layers below. ``lint-imports`` runs in a
 subprocess with the project's configuration and no cache; the negative cases
 run it on a copy of the package with one forbidden import injected, so the
@@ -54,6 +54,10 @@ def test_layers_contract_is_kept() -> None:
         # interop and inspect are independent siblings
         ("inspect/_scan.py", "from ..interop import _pages",
          "zarrckpt.inspect is not allowed to import zarrckpt.interop"),
+        ("manager/_retention.py", "from ..inspect import _checkpoint",
+         "zarrckpt.manager is not allowed to import zarrckpt.inspect"),
+        ("api.py", "from .manager import _steps",
+         "zarrckpt.api is not allowed to import zarrckpt.manager"),
         # also inside a function: lazy imports count
         ("format/_fqn.py", "def _late() -> None:\n    from ..storage import _paths",
          "zarrckpt.format is not allowed to import zarrckpt.storage"),
@@ -62,7 +66,8 @@ def test_layers_contract_is_kept() -> None:
          "zarrckpt.format is not allowed to import zarrckpt.api"),
     ],
     ids=["format->parallel", "storage->parallel", "api->interop", "interop->cli",
-         "inspect->interop", "lazy format->storage", "format->root"],
+         "inspect->interop", "manager->inspect", "api->manager", "lazy format->storage",
+         "format->root"],
 )
 def test_layers_contract_catches_an_upward_import(
     tmp_path: Path, module: str, line: str, message: str

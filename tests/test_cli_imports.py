@@ -97,6 +97,22 @@ def test_reading_commands_do_not_import_torch(
         assert not {"zarr", "dask"} & modules
 
 
+@pytest.mark.parametrize("command", [["ls"], ["gc", "--dry-run"]])
+def test_manager_root_commands_do_not_import_torch(
+    command: list[str], ckpts: tuple[str, str], tmp_path: Path
+) -> None:
+    import shutil
+
+    shutil.copytree(ckpts[0], tmp_path / "run" / "step_00000001")
+    out = subprocess.run([sys.executable, "-m", "zarrckpt", *command, "--json",
+                          str(tmp_path / "run")], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert ('"step": 1' if command[0] == "ls" else '"removed": []') in out.stdout
+    modules = imported_modules(["-m", "zarrckpt", *command, str(tmp_path / "run")])
+    assert "zarrckpt.manager._steps" in modules  # the command did run
+    assert not {"torch", "zarr", "dask"} & modules, sorted({"torch", "zarr", "dask"} & modules)
+
+
 def test_import_zarrckpt_is_light_and_names_resolve_lazily() -> None:
     script = textwrap.dedent(
         """
@@ -126,7 +142,8 @@ def test_import_zarrckpt_is_light_and_names_resolve_lazily() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         zarrckpt.nope  # noqa: B018
     assert zarrckpt.__all__ == [
-        "__version__", "async_save", "Checkpoint", "convert", "errors", "load", "LoadResult",
+        "__version__", "async_save", "Checkpoint", "CheckpointManager", "convert", "errors",
+        "load", "LoadResult",
         "open", "register_zarr_dtypes", "save", "ZarrStorageReader", "ZarrStorageWriter",
     ]
 

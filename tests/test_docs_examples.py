@@ -115,11 +115,30 @@ def run_block(block: Block) -> None:
     exec(code, namespace)
 
 
+#: the bucket that object-store examples use (created on the loopback S3 server)
+EXAMPLE_BUCKET = "my-bucket"
+
+
+def _serve_s3(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the AWS_* environment at the loopback S3 server (tests/_s3.py) and make
+    sure :data:`EXAMPLE_BUCKET` exists there, for a block that uses ``s3://`` URLs or the bucket."""
+    import boto3
+
+    server = request.getfixturevalue("s3_server")
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=server.endpoint)
+    if EXAMPLE_BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=EXAMPLE_BUCKET)
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_markdown_python_block_runs(
-    block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    if "s3://" in block.code or EXAMPLE_BUCKET in block.code:
+        _serve_s3(request, monkeypatch)
     run_block(block)
 
 

@@ -23,6 +23,7 @@ from zarrckpt.errors import (
     MissingKeysError,
     ShapeMismatchError,
     StateDictMismatchError,
+    StorageError,
     UnsafeCheckpointError,
     UnsupportedValueError,
     ZarrCkptError,
@@ -41,6 +42,7 @@ HIERARCHY: dict[type[Exception], tuple[type[BaseException], ...]] = {
     InvalidKeyError: (ValueError,),
     UnsupportedValueError: (TypeError,),
     DistributedSaveError: (RuntimeError,),
+    StorageError: (OSError,),
 }
 
 
@@ -189,3 +191,18 @@ def test_missing_key_in_open_checkpoint(saved: str) -> None:
         ckpt.read("layer.bias")
     assert isinstance(info.value, MissingKeysError)
     assert "layer.bias" in str(info.value) and saved in str(info.value)
+
+
+def test_storage_error_keeps_errno_and_crosses_processes() -> None:
+    """StorageError.wrap keeps the errno, names the step and the file; it pickles."""
+    import errno
+
+    raw = OSError(errno.ENOSPC, "No space left on device", "/p/.ckpt.zarrckpt-tmp-1/a/c/0")
+    err = StorageError.wrap(raw, "writing the checkpoint '/p'")
+    assert isinstance(err, StorageError) and err.errno == errno.ENOSPC
+    assert "writing the checkpoint '/p' failed: No space left on device" in str(err)
+    assert "/p/.ckpt.zarrckpt-tmp-1/a/c/0" in str(err)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is StorageError and back.errno == errno.ENOSPC and str(back) == str(err)
+    already = CheckpointNotFoundError("no checkpoint at '/p'")
+    assert StorageError.wrap(already, "x") is already

@@ -28,6 +28,7 @@ _LAZY = {
     "ZarrStorageReader": ("dcp", "ZarrStorageReader"),
     "ZarrStorageWriter": ("dcp", "ZarrStorageWriter"),
     "convert": ("convert", None),
+    "CheckpointManager": ("manager._manager", "CheckpointManager"),
 }
 
 
@@ -75,11 +76,13 @@ if TYPE_CHECKING:
     from .api import async_save, load, save
     from .dcp import ZarrStorageReader, ZarrStorageWriter
     from .inspect import Checkpoint, open
+    from .manager import CheckpointManager
 
 __all__ = [
     "__version__",
     "async_save",
     "Checkpoint",
+    "CheckpointManager",
     "convert",
     "errors",
     "load",

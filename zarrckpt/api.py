@@ -42,7 +42,7 @@ def _file_source_opener() -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _options(
+def save_options(
     overwrite: bool,
     allow_pickle: bool,
     fsync: bool,
@@ -99,10 +99,15 @@ def save(
         Group of the ranks taking part; default: the default group when
         torch.distributed is initialized, else this process alone.
     overwrite
-        Replace an existing checkpoint at ``path``. The replacement is atomic:
-        the path holds the old checkpoint until the new one is committed.
+        Replace an existing checkpoint at ``path``. On a local path the
+        replacement is atomic: the path holds the old checkpoint until the new
+        one is committed. On an object store it is not: the old checkpoint is
+        deleted (its commit marker first) before the new one is written
+        (docs/object-storage.md).
     storage_options
-        Options for remote stores (unused for local paths).
+        Object-store client options for ``s3://`` URLs (endpoint, region,
+        credentials, retries: docs/object-storage.md); must be None for local
+        paths.
     allow_pickle
         Store leaves that are neither tensors nor JSON values with pickle.
         Without it such leaves raise :class:`~zarrckpt.errors.UnsafeCheckpointError`.
@@ -134,16 +139,30 @@ def save(
     zarrckpt.errors.DistributedSaveError
         Another rank failed; nothing was committed.
     """
-    path = check_path(path, storage_options=storage_options)
-    options = _options(
+    options = save_options(
         overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads, file_layout
     )
+    save_with_extra(state_dict, path, options, process_group, storage_options, extra={})
+
+
+def save_with_extra(
+    state_dict: Any,
+    path: PathLike,
+    options: SaveOptions,
+    process_group: Any,
+    storage_options: dict[str, Any] | None,
+    *,
+    extra: dict[str, Any],
+) -> None:
+    """:func:`save` with ``extra`` members in the manifest (JSON; the checkpoint
+    manager stores the step and its metrics there). Not public API."""
+    path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
     op = Operation("save", path, comm)
     local = comm.agree(
         lambda: prepare_local(state_dict, path, options), f"preparing the save of {path!r}"
     )
-    op.saved(save_collective(local, path, options, comm, extra={}))
+    op.saved(save_collective(local, path, options, comm, extra=extra))
 
 
 # --------------------------------------------------------------------------- async
@@ -192,10 +211,25 @@ def async_save(
         Resolves to None when the checkpoint is committed; ``result()``
         raises the save's error otherwise. It cannot be cancelled.
     """
-    path = check_path(path, storage_options=storage_options)
-    options = _options(
+    options = save_options(
         overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads, file_layout
     )
+    return async_save_with_extra(
+        state_dict, path, options, process_group, storage_options, extra={}
+    )
+
+
+def async_save_with_extra(
+    state_dict: Any,
+    path: PathLike,
+    options: SaveOptions,
+    process_group: Any,
+    storage_options: dict[str, Any] | None,
+    *,
+    extra: dict[str, Any],
+) -> Future[None]:
+    """:func:`async_save` with ``extra`` members in the manifest. Not public API."""
+    path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
     op = Operation("async_save", path, comm)
     background = op.watch(_async.background_comm(comm))
@@ -206,7 +240,7 @@ def async_save(
 
     def run() -> None:
         try:
-            op.saved(save_collective(lease.state, path, options, background, extra={}))
+            op.saved(save_collective(lease.state, path, options, background, extra=extra))
         except BaseException as e:
             op.failed(e)
             _async.raise_if_group_destroyed(background, path, e)
@@ -268,7 +302,8 @@ def load(
         ``missing_keys``, except meta-device tensors, which have no values to
         keep: they always raise.
     storage_options
-        Options for remote stores (unused for local paths).
+        Object-store client options for ``s3://`` URLs (docs/object-storage.md);
+        must be None for local paths.
     allow_pickle
         Allow loading a checkpoint that holds pickled objects (never for
         checkpoints from untrusted sources).

@@ -1,13 +1,14 @@
 """The zarrckpt demo: ``python -m zarrckpt.demo [DIR]``.
 
 1. Two gloo processes train a small FSDP2 model for a few steps and save model,
-   Adam state, step counter and a data-loader position with ``zarrckpt.save``
-   (each rank writes its own shards, rank 0 commits).
+   Adam state, step counter and a data-loader position after every step with a
+   ``zarrckpt.CheckpointManager`` keeping the last two steps (each rank writes
+   its own shards, rank 0 commits).
 2. One process opens the checkpoint offline (``zarrckpt.open``): lists tensors,
    reads one, computes per-tensor norms with dask.
-3. The same process loads the checkpoint into an unsharded model + optimizer,
-   checks every tensor bit-exact against what the ranks saved, and continues
-   training.
+3. The same process restores the newest step into an unsharded model +
+   optimizer (``CheckpointManager.restore``), checks every tensor bit-exact
+   against what the ranks saved, and continues training.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 32, generator=g), torch.randn(16, 8, generator=g)
 
 
-def train_and_save(rank: int, world_size: int, path: str) -> dict[str, Any]:
+def train_and_save(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """Runs on each of the two ranks."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -64,6 +65,10 @@ def train_and_save(rank: int, world_size: int, path: str) -> dict[str, Any]:
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
     position = DataPosition()
+    manager = zarrckpt.CheckpointManager(root, keep_last=2)
+    model_sd: Any
+    optim_sd: Any
+    elapsed = 0.0
     for step in range(STEPS):
         x, y = batch(step)
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -71,13 +76,11 @@ def train_and_save(rank: int, world_size: int, path: str) -> dict[str, Any]:
         optim.step()
         optim.zero_grad()
         position.batch += 1
-    model_sd: Any
-    optim_sd: Any
-    model_sd, optim_sd = get_state_dict(model, optim)
-    state = {"model": model_sd, "optim": optim_sd, "step": STEPS, "data": position}
-    start = time.perf_counter()
-    zarrckpt.save(state, path)
-    elapsed = time.perf_counter() - start
+        model_sd, optim_sd = get_state_dict(model, optim)
+        state = {"model": model_sd, "optim": optim_sd, "step": step + 1, "data": position}
+        start = time.perf_counter()
+        manager.save(step + 1, state, metrics={"loss": loss.detach()})
+        elapsed = time.perf_counter() - start
     shards = {k: list(v.to_local().shape) for k, v in model_sd.items()}
     full = {f"model.{k}": v.full_tensor().detach() for k, v in model_sd.items()}
     for fqn, st in optim_sd["state"].items():
@@ -98,18 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = args[0] if args else make_temp_dir("zarrckpt-demo-")
     make_dirs(root)
-    path = os.path.join(root, "checkpoint")
-    print(f"zarrckpt {zarrckpt.__version__} demo, checkpoint at {path}\n")
+    run = os.path.join(root, "run")
+    print(f"zarrckpt {zarrckpt.__version__} demo, checkpoints below {run}\n")
 
-    print(f"1. two gloo processes train an FSDP2 model for {STEPS} steps and save it")
-    results = run_distributed(train_and_save, 2, path)
+    print(f"1. two gloo processes train an FSDP2 model for {STEPS} steps, saving each step")
+    results = run_distributed(train_and_save, 2, run)
+    manager = zarrckpt.CheckpointManager(run, keep_last=2)
+    path = manager.step_path(STEPS)
     for rank, r in enumerate(results):
         print(
-            f"   rank {rank}: loss {r['loss']:.4f}, save took {r['seconds'] * 1000:.0f} ms, "
+            f"   rank {rank}: loss {r['loss']:.4f}, last save took {r['seconds'] * 1000:.0f} ms, "
             f"holds shards {r['shards']['0.weight']} of 0.weight"
         )
 
-    print("\n2. open it offline (no torch.distributed): zarr arrays and dask")
+    print(f"   kept steps {manager.all_steps()} (keep_last=2), loss of step {STEPS}: "
+          f"{manager.metrics(STEPS)['loss']:.4f}")
+
+    print(f"\n2. open step {STEPS} offline (no torch.distributed): zarr arrays and dask")
     ckpt = zarrckpt.open(path)
     total = sum(ckpt[k].nbytes for k in ckpt)
     print(
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for fqn, norm in norms.items():
         print(f"   L2 norm of {fqn:<16} {norm:9.4f}  (dask, chunk by chunk)")
 
-    print("\n3. load into one unsharded process and keep training")
+    print("\n3. restore the newest step into one unsharded process and keep training")
     model = make_model()
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
     position = DataPosition()
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     optim_sd: Any
     model_sd, optim_sd = get_state_dict(model, optim)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "step": 0, "data": position}
-    zarrckpt.load(state, path)
+    restored = manager.restore(state)
+    print(f"   restored step {restored}")
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     saved = results[0]["full"]
     model_sd, optim_sd = get_state_dict(model, optim)
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     loss.backward()
     optim.step()
     print(f"   continued: step {state['step'] + 1} loss {float(loss.detach()):.4f}")
-    if not exact or state["step"] != STEPS or position.batch != STEPS:
+    if not exact or restored != STEPS or state["step"] != STEPS or position.batch != STEPS:
         print("demo FAILED", file=sys.stderr)
         return 1
     print("\ndemo OK")

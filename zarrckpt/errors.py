@@ -24,6 +24,8 @@ __all__ = [
     "UnsupportedValueError",
     "DistributedSaveError",
     "InvalidPathError",
+    "StorageError",
+    "ObjectStoreError",
     "InvalidArgumentError",
 ]
 
@@ -102,10 +104,38 @@ class DistributedSaveError(ZarrCkptError, RuntimeError):
 
 
 class InvalidPathError(ZarrCkptError, ValueError):
-    """A path zarrckpt cannot use: empty, an object-store URL (not supported
-    yet), or ``storage_options`` given for a local path."""
+    """A path zarrckpt cannot use: empty, an object-store URL of an unsupported
+    scheme, unknown ``storage_options``, or ``storage_options`` given for a local path."""
+
+
+class StorageError(ZarrCkptError, OSError):
+    """Reading or writing a checkpoint's storage failed: no space left, an I/O
+    error, permission denied, a read-only filesystem, ...
+
+    ``errno`` is the failed operation's; the message says what was being done
+    (the checkpoint path, and for a read the key and chunk) and names the file.
+    A failed save leaves the previous checkpoint at its path as it was.
+    """
+
+    @classmethod
+    def wrap(cls, error: OSError, doing: str) -> ZarrCkptError:
+        """The error for ``error`` raised while ``doing`` (``error`` itself if it is a
+        zarrckpt error already)."""
+        if isinstance(error, ZarrCkptError):
+            return error
+        reason = error.strerror or str(error) or type(error).__name__
+        named = not error.filename or str(error.filename) in doing
+        where = "" if named else f" (file {error.filename!r})"
+        return cls(error.errno, f"{doing} failed: {reason}{where}")
+
+
+class ObjectStoreError(StorageError):
+    """An object-store request failed: the server kept failing (5xx, throttling,
+    timeouts, dropped connections) until the retry bound ran out, or it refused
+    the request (4xx: credentials, permissions, a missing bucket). The message
+    names the key, the location and the request."""
 
 
 class InvalidArgumentError(ZarrCkptError, ValueError):
-    """An option has a value zarrckpt does not accept (the message names the
-    option, the value and what is accepted)."""
+    """An argument value zarrckpt cannot use (a retention count below 1, a negative
+    step, ...); the message names the argument and what is expected."""

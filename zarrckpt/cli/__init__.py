@@ -1,6 +1,6 @@
 """The ``zarrckpt`` command line (also ``python -m zarrckpt``).
 
-Commands: ``ls``, ``info``, ``tree``, ``stats``, ``diff``, ``verify``, ``plot``,
+Commands: ``ls``, ``info``, ``tree``, ``stats``, ``diff``, ``verify``, ``plot``, ``gc``,
 plus any registered by plug-in modules (``convert``, from :mod:`zarrckpt.cli.convert`).
 
 Start-up is kept cheap: ``zarrckpt --help`` imports neither torch, numpy nor
@@ -485,4 +485,4 @@ def _broken_pipe() -> int:
 
 
 # the built-in commands register themselves with @command (eagerly: tests swap _COMMANDS)
-from . import _browse, _passes  # noqa: E402,F401
+from . import _browse, _passes, _steps  # noqa: E402,F401

@@ -33,8 +33,17 @@ _PATTERN = Arg(
 )
 
 
-@command("ls", "list the tensors: name, shape, dtype, chunks, bytes", _PATH, _PATTERN)
+@command(
+    "ls",
+    "list the tensors: name, shape, dtype, chunks, bytes (on a checkpoint manager's "
+    "root: the steps, their state, size, date and metrics)",
+    _PATH, _PATTERN,
+)
 def _ls(args: argparse.Namespace, out: Output) -> int:
+    from ._steps import is_manager_root, list_steps
+
+    if args.pattern is None and is_manager_root(args.path):
+        return list_steps(args.path, out)
     ckpt = _open(args.path)
     infos = [ckpt.tensor_info(k) for k in _select(ckpt, args.pattern)]
     if out.json:

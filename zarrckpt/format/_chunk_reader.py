@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, StorageError
 from ._codec import EMPTY, _as_bytes_view, _row_slabs, _slices, crc32c
 from ._layout import ArrayLayout, Region
 
@@ -85,6 +85,13 @@ class ChunkReader:
                 f"{self.what}: chunk {self.layout.chunk_key(index)!r} is missing "
                 f"(expected file {self.source.location(key)!r})"
             ) from None
+        except OSError as e:
+            raise self._io_error(index, e) from e
+
+    def _io_error(self, index: tuple[int, ...], e: OSError) -> Exception:
+        key = f"{self.array_key}/{self.layout.chunk_key(index)}"
+        where = f"chunk {self.layout.chunk_key(index)!r}, file {self.source.location(key)!r}"
+        return StorageError.wrap(e, f"{self.what}: reading {where}")
 
     def _pread_exact(
         self, reader: RangeReader, buffers: list[Any], offset: int, index: tuple[int, ...]
@@ -94,7 +101,10 @@ class ChunkReader:
         views = [memoryview(b).cast("B") for b in buffers]
         while views:
             batch = views[:_IOV_MAX]
-            n = reader.readv_into(batch, offset + got)
+            try:
+                n = reader.readv_into(batch, offset + got)
+            except OSError as e:
+                raise self._io_error(index, e) from e
             if n == 0:
                 raise CorruptCheckpointError(
                     f"{self.what}: chunk {self.layout.chunk_key(index)!r} is truncated "

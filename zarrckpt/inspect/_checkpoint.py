@@ -169,11 +169,16 @@ class Checkpoint:
     Parameters
     ----------
     path
-        Checkpoint directory.
+        Checkpoint directory or object-store URL (``s3://bucket/prefix``).
+    storage_options
+        Object-store client options (endpoint, region, credentials, retries:
+        docs/object-storage.md); only for URLs.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._files = CheckpointFiles(check_path(path))
+    def __init__(
+        self, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self._files = CheckpointFiles(check_path(path, storage_options=storage_options))
         self.path = self._files.path
 
     # ------------------------------------------------------------------ mapping
@@ -201,7 +206,6 @@ class Checkpoint:
     def __getitem__(self, fqn: str) -> Any:
         """The stored array as a read-only ``zarr.Array`` (global shape, original dtype)."""
         import zarr
-        from zarr.storage import LocalStore
 
         from .._zarr_dtypes import register_zarr_dtypes
 
@@ -213,9 +217,7 @@ class Checkpoint:
         from ._zarr_binding import BindingStore
 
         # every chunk zarr reads must carry the crc32c the manifest records for its place
-        store = BindingStore(
-            LocalStore(self.path, read_only=True), entry, self._files.what(entry)
-        )
+        store = BindingStore(self._files.store.zarr_store(), entry, self._files.what(entry))
         try:
             return zarr.open_array(store, path=entry.path, mode="r")
         except (ValueError, KeyError, TypeError) as e:
@@ -486,11 +488,16 @@ def _finite_range(files: CheckpointFiles, path: str, entry: ArrayEntry) -> tuple
 
 
 
-def open(path: str | os.PathLike[str]) -> Checkpoint:  # noqa: A001 - public name is fixed
+def open(  # noqa: A001 - public name is fixed
+    path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> Checkpoint:
     """Open a committed checkpoint read-only (single process, no torch.distributed).
+
+    ``path`` may be an object-store URL (``s3://bucket/prefix``) with
+    ``storage_options`` (docs/object-storage.md).
 
     Raises
     ------
     zarrckpt.errors.CheckpointNotFoundError, IncompleteCheckpointError, CorruptCheckpointError
     """
-    return Checkpoint(path)
+    return Checkpoint(path, storage_options=storage_options)

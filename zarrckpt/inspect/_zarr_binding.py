@@ -75,7 +75,7 @@ class BindingStore(WrapperStore[Any]):
         ):
             self._parse_index(key, data, base, None)
         elif isinstance(byte_range, RangeByteRequest):
-            positions = self._positions.get(key)
+            positions: dict[int, int] | None = self._positions.get(key)
             if positions is None:
                 raw = await self._store.get(
                     key, prototype, RangeByteRequest(0, layout.index_nbytes)

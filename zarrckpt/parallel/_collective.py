@@ -1,11 +1,13 @@
 """The few collectives a save or load needs, and error agreement across ranks.
 
 Without torch.distributed (or with a one-rank group) every call is local and
-exceptions propagate unchanged. With several ranks, :meth:`Comm.agree` runs a
-step on every rank and then exchanges success or failure, so that when any
-rank fails every rank raises (the failing rank its own zarrckpt error, the
-others :class:`~zarrckpt.errors.DistributedSaveError`) instead of hanging in
-the next collective.
+exceptions propagate unchanged (a raw ``OSError`` as a
+:class:`~zarrckpt.errors.StorageError` saying what failed). With several
+ranks, :meth:`Comm.agree` runs a step on every rank and then exchanges success
+or failure, so that when any rank fails every rank raises (the failing rank
+its own zarrckpt error, a :class:`~zarrckpt.errors.StorageError` for a raw
+``OSError``, the others :class:`~zarrckpt.errors.DistributedSaveError`)
+instead of hanging in the next collective.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import DistributedSaveError, ZarrCkptError
+from ..errors import DistributedSaveError, StorageError, ZarrCkptError
 
 __all__ = ["Comm"]
 
@@ -97,7 +99,10 @@ class Comm:
 
     def _agree(self, step: Callable[[], T], what: str) -> T:
         if not self.distributed:
-            return step()
+            try:
+                return step()
+            except OSError as e:  # a raw storage error: say what failed, keep errno
+                raise StorageError.wrap(e, what) from e
         result: Any = None
         error: BaseException | None = None
         try:
@@ -111,6 +116,8 @@ class Comm:
         if error is not None:
             if isinstance(error, ZarrCkptError):
                 raise error
+            if isinstance(error, OSError):
+                raise StorageError.wrap(error, f"{what} on rank {self.rank}") from error
             raise DistributedSaveError(
                 f"{what} failed on rank {self.rank}: {type(error).__name__}: {error}"
             ) from error

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format._marker import (
@@ -36,6 +36,7 @@ from ..format._marker import (
     check_marker,
     check_root,
 )
+from ._paths import STAGING_INFIX
 
 __all__ = ["RangeReader", "Staging", "Store", "Kind"]
 
@@ -155,14 +156,14 @@ class Staging(ABC):
 
 
 class Store(ABC):
-    """One checkpoint location (a local path; an object-store URL later). Picklable."""
+    """One checkpoint location (a local path or an object-store URL). Picklable."""
 
     #: the location as the user gave it (used in messages)
     path: str
     #: whether several ranks may write disjoint byte ranges of one file
     #: (:meth:`Staging.write_chunk_at`): POSIX storage. Saves then store each
     #: tensor as one shard file; otherwise (object stores) one object per piece.
-    shared_files: bool = True
+    shared_files: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ probing
 
@@ -277,6 +278,31 @@ class Store(ABC):
         except (OSError, ValueError, AttributeError):
             return False
 
+    def staging_owner(self, name: str) -> str | None:
+        """The entry whose save left ``name`` behind, when ``name`` (an entry directly
+        below this location) is the staging of a save that never finished; else None.
+
+        Locations nested below this one (a checkpoint manager's root holding step
+        checkpoints) stage their saves here: the local store as the hidden sibling
+        ``.<entry>.zarrckpt-tmp-<id>``.
+        """
+        if not name.startswith(".") or STAGING_INFIX not in name:
+            return None
+        owner = name[1 : name.index(STAGING_INFIX)]
+        return owner or None
+
+    def tree_size(self, key: str = "") -> int:
+        """Total bytes of the objects at and below ``key`` (0 for nothing there)."""
+        kind = self.kind(key)
+        if kind == "file":
+            return self.size(key)
+        if kind != "dir":
+            return 0
+        total = 0
+        for name in self.list_dir(key):
+            total += self.tree_size(f"{key}/{name}" if key else name)
+        return total
+
     def check_entries(self, key: str) -> None:
         """Refuse a prefix holding anything but objects and prefixes (for readers
         that open keys below ``key`` by path themselves, such as zarr-python's).
@@ -298,6 +324,16 @@ class Store(ABC):
                     "regular files and directories"
                 )
 
+    @abstractmethod
+    def zarr_store(self) -> Any:
+        """A read-only zarr-python store rooted at the location (for plain zarr reads)."""
+
+    def leftovers(self) -> list[str]:
+        """Keys at the location that belong to no committed checkpoint (objects of
+        a save that died). Local saves write into a separate staging directory, so
+        a local checkpoint never has any."""
+        return []
+
     # ------------------------------------------------------------------ writing
 
     @abstractmethod
@@ -313,6 +349,12 @@ class Store(ABC):
     def attach(self, token: str, *, rank: int = 0) -> Staging:
         """The staging ``token`` that another process created with :meth:`stage`
         (waits until this process can see it; ``rank`` is named in the error)."""
+
+    def stale_stagings(self) -> list[str]:
+        """Where the stagings of dead saves to this location are (locations as in
+        messages; nothing by default). :meth:`stage` removes them; a staging of a
+        save still running is never listed."""
+        return []
 
     @abstractmethod
     def remove(self) -> None:

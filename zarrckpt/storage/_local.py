@@ -19,26 +19,20 @@ call time (``_posix.write_file(...)``) so that tests can inject faults there.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError, InvalidPathError
-from ..format._marker import (
-    COMMIT_GROUP,
-    COMMIT_MARKER,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    ROOT_METADATA,
-    marker_document,
-)
-from . import _posix
-from ._base import Kind, RangeReader, Staging, Store
+from . import _liveness, _posix
+from ._base import Kind, Staging, Store
+from ._local_reader import LocalRangeReader, _DirHandle
+from ._local_staging import LocalStaging, _join, write_commit_marker
 from ._paths import (
     STAGING_INFIX,
     describe_contents,
@@ -50,53 +44,6 @@ from ._paths import (
 )
 
 __all__ = ["LocalStore", "LocalStaging", "LocalRangeReader", "open_store", "write_commit_marker"]
-
-
-def _join(root: str, key: str) -> str:
-    """The path of ``key`` below ``root`` (``os.path.join`` of its parts, without the
-    split in the common case)."""
-    if not key:
-        return root
-    if root and not root.endswith("/"):
-        return f"{root}/{key}"
-    return os.path.join(root, *key.split("/"))
-
-
-class LocalRangeReader(RangeReader):
-    """A file open for ``preadv`` (takes ownership of the descriptor)."""
-
-    def __init__(self, fd: int, size: int | None = None) -> None:
-        self._fd: int | None = fd
-        self._size = size
-
-    @property
-    def size(self) -> int:
-        if self._size is None:
-            if self._fd is None:
-                raise ValueError("size of a closed reader")
-            self._size = os.fstat(self._fd).st_size
-        return self._size
-
-    def readv_into(self, buffers: list[memoryview], offset: int) -> int:
-        if self._fd is None:
-            raise ValueError("read from a closed reader")
-        return _posix.preadv(self._fd, buffers, offset)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-
-class _DirHandle:
-    """An open checkpoint directory, closed when the last store holding it goes."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 _PIN_LOCK = threading.Lock()
@@ -151,6 +98,12 @@ class LocalStore(Store):
             handle = None
         with _PIN_LOCK:
             self._pin[:] = [handle] if handle is not None else []
+
+    def zarr_store(self) -> Any:
+        """A read-only zarr-python store of the checkpoint directory."""
+        from zarr.storage import LocalStore as ZarrLocalStore
+
+        return ZarrLocalStore(self.path, read_only=True)
 
     def read_committed_root(self) -> dict[str, Any]:
         self.pin()
@@ -335,11 +288,25 @@ class LocalStore(Store):
         return parent, f".{name}{STAGING_INFIX}"
 
     def stage(self) -> LocalStaging:
-        """Create a fresh staging directory beside the path."""
+        """Create a fresh staging directory beside the path, owned by this process
+        until it is published or aborted (:mod:`~zarrckpt.storage._liveness`), after
+        removing the stagings of dead saves to the path."""
+        _liveness.remove_stale(self.stale_stagings())
         parent, prefix = self._staging_prefix()
         directory = os.path.join(parent, f"{prefix}{uuid.uuid4().hex[:12]}")
-        os.mkdir(directory)
+        _liveness.claim(directory)
+        try:
+            os.mkdir(directory)
+        except BaseException:
+            _liveness.release(directory)
+            raise
         return LocalStaging(directory, self.path)
+
+    def stale_stagings(self) -> list[str]:
+        """The staging directories (and orphaned owner records) of saves to this path
+        whose process is provably dead (see :mod:`~zarrckpt.storage._liveness`);
+        :meth:`stage` removes them."""
+        return _liveness.stale_stagings(*self._staging_prefix())
 
     def attach(self, token: str, *, rank: int = 0) -> LocalStaging:
         parent, prefix = self._staging_prefix()
@@ -355,145 +322,50 @@ class LocalStore(Store):
         _posix.remove_tree(self.path)
 
 
-@dataclass
-class LocalStaging(Staging):
-    """A staging directory of a save to ``path`` (``None``: a directory written
-    into only, never committed)."""
-
-    directory: str
-    path: str | None = None
-
-    @property
-    def token(self) -> str:
-        return self.directory
-
-    @property
-    def local_dir(self) -> str:
-        return self.directory
-
-    def _target(self) -> str:
-        if self.path is None:
-            raise InvalidPathError(f"staging {self.directory!r} has no checkpoint path")
-        return self.path
-
-    def ensure_dir(self, key: str) -> None:
-        _posix.mkdir_fast(_join(self.directory, key))
-
-    def write_small(self, key: str, data: bytes) -> None:
-        _posix.write_small(_join(self.directory, key), data)
-
-    def write_chunk(self, key: str, buffers: list[Any], *, writeback: bool = False) -> int:
-        path = _join(self.directory, key)
-        # looked up on the module so tests can inject failures (_posix.write_file)
-        if writeback:
-            return _posix.write_file(path, buffers, writeback=True)
-        return _posix.write_file(path, buffers)
-
-    def write_chunk_at(
-        self, key: str, offset: int, buffers: list[Any], *, writeback: bool = False
-    ) -> int:
-        path = _join(self.directory, key)
-        return _posix.write_file(path, buffers, writeback=writeback, offset=offset)
-
-    def write_json(self, key: str, document: Any, *, fsync: bool = False) -> bytes:
-        return _posix.write_json(_join(self.directory, key), document, fsync=fsync)
-
-    def read_small(self, key: str) -> bytes:
-        return _posix.read_small(_join(self.directory, key))
-
-    def sync(self) -> None:
-        _posix.sync_tree(self.directory)
-
-    def commit(
-        self, root: dict[str, Any], checkpoint_id: str, *, overwrite: bool, fsync: bool
-    ) -> None:
-        """Write the root ``zarr.json`` and the commit marker, then publish the
-        directory at the path. The array data must already be in the staging
-        (and durable, with ``fsync``)."""
-        root_bytes = self.write_json(ROOT_METADATA, root, fsync=fsync)
-        version = root["attributes"][FORMAT_NAME].get("format_version", FORMAT_VERSION)
-        write_commit_marker(
-            self.directory, root_bytes, checkpoint_id, fsync=fsync, format_version=version
-        )
-        self.publish(overwrite=overwrite, fsync=fsync)
-
-    def publish(self, *, overwrite: bool, fsync: bool) -> None:
-        """Atomically move the staging directory to the path."""
-        staging, path = self.directory, self._target()
-        parent = os.path.dirname(os.path.abspath(path))
-        if os.path.lexists(path):
-            if not overwrite:  # appeared while we were writing
-                raise CheckpointExistsError(f"checkpoint path {path!r} already exists")
-            if _posix._renameat2(staging, path, _posix._RENAME_EXCHANGE):
-                _posix.remove_tree(staging)  # now holds the previous checkpoint
-            else:  # no atomic exchange here: short window where path is absent
-                trash = staging + ".old"
-                os.rename(path, trash)
-                os.rename(staging, path)
-                _posix.remove_tree(trash)
-        else:
-            try:
-                if not _posix._renameat2(staging, path, _posix._RENAME_NOREPLACE):
-                    os.rename(staging, path)
-            except OSError as e:
-                # another save published at the path since the check (a lost race)
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                raise CheckpointExistsError(
-                    f"checkpoint path {path!r} already exists: another save published a "
-                    "checkpoint there while this one was being written (overwrite=False)"
-                ) from None
-        if fsync:
-            _posix.fsync_path(parent)
-
-    def publish_file(
-        self, name: str, *, overwrite: bool, fsync: bool, synced: bool = False
-    ) -> None:
-        path = self._target()
-        tmp = _join(self.directory, name)
-        if not overwrite and os.path.lexists(path):
-            raise CheckpointExistsError(f"{path!r} already exists")
-        if fsync and not synced:
-            _posix.fsync_path(tmp)
-        os.replace(tmp, path)
-        if fsync:
-            _posix.fsync_path(os.path.dirname(os.path.abspath(path)))
-        self.abort()
-
-    def abort(self) -> None:
-        _posix.remove_tree(self.directory)
-
-
-def write_commit_marker(
-    directory: str,
-    root_bytes: bytes,
-    checkpoint_id: str,
-    *,
-    fsync: bool,
-    format_version: int = FORMAT_VERSION,
-) -> None:
-    """Write the commit marker (last file of a checkpoint): ``~commit/zarr.json``."""
-    group = os.path.join(directory, COMMIT_GROUP)
-    os.makedirs(group, exist_ok=True)
-    marker_path = _join(directory, COMMIT_MARKER)
-    _posix.write_json(marker_path, marker_document(root_bytes, checkpoint_id, format_version))
-    if fsync:
-        _posix.fsync_path(marker_path)
-        _posix.fsync_path(group)
-        _posix.fsync_path(directory)
-
-
 def open_store(path: str | os.PathLike[str] | Store) -> Store:
-    """The store of a checkpoint location: a :class:`LocalStore` for every path
-    today (callers validate paths first, :func:`~zarrckpt.storage._paths.check_path`).
-    A store is returned as it is."""
+    """The store of a checkpoint location: an
+    :class:`~zarrckpt.storage._object.ObjectStore` for an object-store URL (with
+    the ``storage_options`` an :class:`~zarrckpt.storage._object_config.ObjectPath`
+    carries; else from the environment), a :class:`LocalStore` for any other
+    path (callers validate paths first, :func:`~zarrckpt.storage._paths.check_path`).
+    A store is returned as it is; new stores go through :data:`STORE_WRAPPERS`."""
     if isinstance(path, Store):
         return path
-    return LocalStore(os.fspath(path))
+    p = os.fspath(path)
+    store: Store
+    if is_object_url(p):
+        from ._object import ObjectStore
+
+        store = ObjectStore(p, getattr(p, "storage_options", None))
+    else:
+        store = LocalStore(p)
+    for wrap in STORE_WRAPPERS:
+        store = wrap(store)
+    return store
+
+
+def is_object_url(path: str) -> bool:
+    """True for a URL served by the object-store backend (``s3://...``)."""
+    from ._object_config import OBJECT_SCHEMES
+
+    scheme, sep, _rest = path.partition("://")
+    return bool(sep) and scheme.lower() in OBJECT_SCHEMES
+
+
+#: functions applied to every store :func:`open_store` opens, in order (tests wrap
+#: stores with fault injection here: tests/_faults.py); empty in normal use
+STORE_WRAPPERS: list[Callable[[Store], Store]] = []
 
 
 def as_staging(staging: str | Staging) -> Staging:
     """A staging given as a directory path (the DCP plug-in's string tokens) or as it is."""
     if isinstance(staging, Staging):
         return staging
+    from ._object_staging import TOKEN_PREFIX
+
+    if staging.startswith(TOKEN_PREFIX):  # never a directory: object stores attach by store
+        raise InvalidPathError(
+            f"{staging!r} is the staging of an object-store save, not a staging directory; "
+            "attach to it with ObjectStore.attach"
+        )
     return LocalStaging(staging)

@@ -51,17 +51,31 @@ _SCAN_LIMIT = 5000
 
 
 def check_path(
-    path: Any, *, storage_options: dict[str, Any] | None = None, role: str = "checkpoint path"
+    path: Any,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    role: str = "checkpoint path",
+    local_only: str | None = None,
 ) -> str:
     """``path`` as a ``str``, after refusing what zarrckpt cannot use.
+
+    An object-store URL (``s3://bucket/prefix``, ``memory://prefix``) is
+    returned as an :class:`~zarrckpt.storage._object_config.ObjectPath`
+    carrying ``storage_options``; ``file://`` URLs become local paths.
 
     Raises
     ------
     zarrckpt.errors.InvalidPathError
-        The path is empty, is an object-store URL (``scheme://...``, not
-        supported yet), or ``storage_options`` is given (it only applies to
+        The path is empty, is a URL of an unsupported scheme, is an
+        object-store URL where only local paths work (``local_only`` names
+        what needs a local path), or
+        ``storage_options`` is given for a local path (they apply only to
         object-store URLs).
     """
+    from ._object_config import OBJECT_SCHEMES, ObjectPath, parse_url
+
+    if isinstance(path, ObjectPath) and storage_options is None:
+        return path
     p = os.fspath(path)
     if isinstance(p, bytes):
         p = os.fsdecode(p)
@@ -70,16 +84,30 @@ def check_path(
             f"the {role} is empty (''); pass a path such as 'checkpoints/step_100'"
         )
     url = _URL.match(p)
+    if url and url.group(1).lower() == "file":
+        p = p[len(url.group(0)) :]
+        if not p.startswith("/"):
+            raise InvalidPathError(f"{role} {path!r}: a file:// URL takes an absolute path")
+        url = None
     if url:
-        raise InvalidPathError(
-            f"{role} {p!r} is an object-store URL ({url.group(1)}://): object-store paths "
-            "are not supported yet; zarrckpt reads and writes local or shared-filesystem "
-            "paths only"
-        )
+        if url.group(1).lower() not in OBJECT_SCHEMES:
+            raise InvalidPathError(
+                f"{role} {p!r} is a URL of scheme {url.group(1)}://, which zarrckpt does not "
+                f"support; object-store URLs: {', '.join(s + '://' for s in OBJECT_SCHEMES)} "
+                "(S3 and S3-compatible servers), local paths: a path or file://"
+            )
+        parse_url(p)  # a bucket is named
+        if local_only:
+            raise InvalidPathError(
+                f"{role} {p!r} is an object-store URL, but {local_only} on object stores is "
+                "not supported yet: use a local path (copy the file or directory there first, "
+                "or upload it afterwards); zarrckpt checkpoints themselves may be s3:// URLs"
+            )
+        return ObjectPath(p, storage_options)
     if storage_options is not None:
         raise InvalidPathError(
             f"storage_options were given for the local {role} {p!r}: they apply only to "
-            "object-store URLs, which are not supported yet; leave storage_options=None"
+            "object-store URLs (s3://...); leave storage_options=None"
         )
     return p
 

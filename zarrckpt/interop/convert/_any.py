@@ -9,7 +9,7 @@ from typing import Any
 
 from ...errors import CheckpointNotFoundError
 from ...storage._files import file_size, is_dir, is_file, is_zip_file, read_head
-from ...storage._local import open_store
+from ...storage._local import is_object_url, open_store
 from ...storage._paths import check_path, make_parents
 from .._staged import StagedOutput
 from ..dcp._source import is_dcp_dir
@@ -58,12 +58,16 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
             return "safetensors"
         if lower.endswith(_TORCH_SUFFIXES):
             return "torch"
+        if is_object_url(p):  # object stores hold zarrckpt checkpoints only
+            return "zarrckpt"
         if is_dir(p):
             if open_store(p).looks_like_checkpoint():
                 return "zarrckpt"
             if is_dcp_dir(p):
                 return "dcp"
         return "dcp" if src_format == "zarrckpt" else "zarrckpt"
+    if is_object_url(p):  # object stores hold zarrckpt checkpoints only
+        return "zarrckpt"
     if is_dir(p):
         if open_store(p).looks_like_checkpoint():
             return "zarrckpt"

@@ -205,7 +205,10 @@ def open_checkpoint(
 ) -> tuple[str, str, CheckpointFiles, dict[str, Any]]:
     """The checked source and destination paths, the committed source checkpoint
     and its conversion record (empty when it was not written by a converter)."""
-    src_path, dst_path = check_path(src, role="source"), check_path(dst, role="destination")
+    src_path = check_path(src, role="source")
+    dst_path = check_path(
+        dst, role="destination", local_only="writing torch.save, safetensors or DCP files"
+    )
     files = CheckpointFiles(src_path)
     record = files.manifest.get(MANIFEST_MEMBER)
     return src_path, dst_path, files, record if isinstance(record, dict) else {}

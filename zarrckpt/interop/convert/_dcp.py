@@ -78,7 +78,8 @@ def from_dcp(
     -------
     ConvertResult
     """
-    src, dst = check_path(src_dir, role="source"), check_path(dst, role="destination")
+    src = check_path(src_dir, role="source", local_only="reading DCP checkpoints")
+    dst = check_path(dst, role="destination")
     source = DcpSource(src, allow_pickle=allow_pickle)
     nodes: dict[str, dict[str, Any]] = {}
     value_tensors: dict[str, torch.Tensor] = {}

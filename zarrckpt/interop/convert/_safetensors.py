@@ -93,7 +93,8 @@ def from_safetensors(
     zarrckpt.errors.UnsupportedValueError
         A tensor has a dtype zarrckpt cannot store.
     """
-    src, dst = check_path(src_file, role="source"), check_path(dst, role="destination")
+    src = check_path(src_file, role="source", local_only="reading safetensors files")
+    dst = check_path(dst, role="destination")
     with SafetensorsReader(src) as reader:
         tree, record, complex_names = read_layout(reader)
 

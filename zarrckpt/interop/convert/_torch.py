@@ -100,7 +100,8 @@ def from_torch_save(
     zarrckpt.errors.CheckpointExistsError
         ``dst`` exists and ``overwrite`` is False.
     """
-    src, dst = check_path(src_file, role="source"), check_path(dst, role="destination")
+    src = check_path(src_file, role="source", local_only="reading torch.save files")
+    dst = check_path(dst, role="destination")
     loaded = load_torch_file(src, allow_pickle=allow_pickle)
     refuse_modules(loaded.obj, src)
     flat = flatten_loaded(loaded.obj, allow_pickle=allow_pickle, checkpoint=dst)

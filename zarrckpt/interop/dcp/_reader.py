@@ -37,6 +37,8 @@ from ...storage._paths import check_path
 from .._torchsave_writer import decode_for_pickle
 from ._tree import STORAGE_TAG, DcpLeaf, dcp_leaves
 
+#: what needs a local path (the plug-ins write and read through DCP's file layout)
+_PLUGINS = "the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)"
 __all__ = ["ZarrStorageReader"]
 
 PathLike = str | os.PathLike[str]
@@ -81,7 +83,7 @@ class ZarrStorageReader(StorageReader):
         self, path: PathLike, *, allow_pickle: bool = False, threads: int | None = None
     ) -> None:
         super().__init__()
-        self.path = check_path(path)
+        self.path = check_path(path, local_only=_PLUGINS)
         self.allow_pickle = allow_pickle
         self.threads = threads or default_threads()
         self.load_id = uuid.uuid4().hex
@@ -105,7 +107,7 @@ class ZarrStorageReader(StorageReader):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new load, from ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = check_path(checkpoint_id)
+            self.path = check_path(checkpoint_id, local_only=_PLUGINS)
         self.load_id = uuid.uuid4().hex
         self._files = None
         self._leaves = {}

@@ -42,6 +42,8 @@ from ._tree import STORAGE_TAG
 from ._values import encode_byte_value, resolve_tensor
 from ._write_plan import build_root, plan_dcp_arrays
 
+#: what needs a local path (the plug-ins write and read through DCP's file layout)
+_PLUGINS = "the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)"
 __all__ = ["ZarrStorageWriter"]
 
 PathLike = str | os.PathLike[str]
@@ -113,7 +115,7 @@ class ZarrStorageWriter(StorageWriter):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = check_path(path)
+        self.path = check_path(path, local_only=_PLUGINS)
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.fsync = fsync
@@ -150,7 +152,7 @@ class ZarrStorageWriter(StorageWriter):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new save, at ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = check_path(checkpoint_id)
+            self.path = check_path(checkpoint_id, local_only=_PLUGINS)
         self.save_id = uuid.uuid4().hex
 
     def storage_meta(self) -> StorageMeta | None:
