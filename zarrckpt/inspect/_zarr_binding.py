@@ -65,6 +65,7 @@ class BindingStore(WrapperStore[Any]):
                 self._expect(key, data[-4:], base)
             return buffer
         start = getattr(byte_range, "start", None)
+        positions: dict[int, int] | None
         if byte_range is None:  # the whole shard: check every inner chunk it holds
             positions = self._parse_index(key, data, base, len(data))
             for offset, position in positions.items():
@@ -75,7 +76,7 @@ class BindingStore(WrapperStore[Any]):
         ):
             self._parse_index(key, data, base, None)
         elif isinstance(byte_range, RangeByteRequest):
-            positions: dict[int, int] | None = self._positions.get(key)
+            positions = self._positions.get(key)
             if positions is None:
                 raw = await self._store.get(
                     key, prototype, RangeByteRequest(0, layout.index_nbytes)
