@@ -204,26 +204,11 @@ class Checkpoint:
             ) from None
 
     def __getitem__(self, fqn: str) -> Any:
-        """The stored array as a read-only ``zarr.Array`` (global shape, original dtype)."""
-        import zarr
+        """The stored array as a read-only ``zarr.Array`` (global shape, original dtype);
+        every chunk it reads is checked against the manifest's crc32c table."""
+        from ._zarr_binding import zarr_view
 
-        from .._zarr_dtypes import register_zarr_dtypes
-
-        register_zarr_dtypes()
-        entry = self._entry(fqn)
-        self._files.check_metadata(entry)
-        # zarr-python opens the array's files by path: refuse links and FIFOs first
-        self._files.store.check_entries(entry.path)
-        from ._zarr_binding import BindingStore
-
-        # every chunk zarr reads must carry the crc32c the manifest records for its place
-        store = BindingStore(self._files.store.zarr_store(), entry, self._files.what(entry))
-        try:
-            return zarr.open_array(store, path=entry.path, mode="r")
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(
-                f"checkpoint {self.path!r}: zarr cannot open array {fqn!r} at {entry.path!r}: {e}"
-            ) from e
+        return zarr_view(self._files, self._entry(fqn))
 
     # ------------------------------------------------------------------ reading
     def read(self, fqn: str) -> torch.Tensor:

@@ -20,8 +20,30 @@ from zarr.storage import WrapperStore
 from ..errors import CorruptCheckpointError
 from ..format._codec import EMPTY
 from ..format._metadata import ArrayEntry
+from ..parallel._reader import CheckpointFiles
 
-__all__ = ["BindingStore"]
+__all__ = ["BindingStore", "zarr_view"]
+
+
+def zarr_view(files: CheckpointFiles, entry: ArrayEntry) -> Any:
+    """A read-only ``zarr.Array`` of ``entry`` whose chunk reads are checked against
+    the crc32c table (after the array's metadata and entries are checked)."""
+    import zarr
+
+    from .._zarr_dtypes import register_zarr_dtypes
+
+    register_zarr_dtypes()
+    files.check_metadata(entry)
+    # zarr-python opens the array's files by path: refuse links and FIFOs first
+    files.store.check_entries(entry.path)
+    store = BindingStore(files.store.zarr_store(), entry, files.what(entry))
+    try:
+        return zarr.open_array(store, path=entry.path, mode="r")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {files.path!r}: zarr cannot open array {entry.fqn!r} at "
+            f"{entry.path!r}: {e}"
+        ) from e
 
 
 class BindingStore(WrapperStore[Any]):
