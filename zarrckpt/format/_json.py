@@ -9,11 +9,15 @@ __all__ = ["dumps_json"]
 
 #: objects nested deeper than this are written on one line by :func:`dumps_json`
 _JSON_LINE_DEPTH = 4
+#: members whose values are written one per line one level higher: the root's
+#: consolidated metadata lists one array document per line
+_SHALLOW = {"consolidated_metadata": 3}
 
 
-def dumps_json(document: Any, *, _depth: int = 0) -> str:
+def dumps_json(document: Any, *, _depth: int = 0, _limit: int = _JSON_LINE_DEPTH) -> str:
     """``document`` as JSON text: objects down to depth 4 one member per line
-    (indent 1), everything deeper on one line.
+    (indent 1), everything deeper on one line (the documents in the root's
+    ``consolidated_metadata`` one per line).
 
     Readable (one manifest entry per line) and fast: the one-line parts go
     through the C encoder, which ``json.dumps(..., indent=...)`` never uses, so
@@ -21,14 +25,15 @@ def dumps_json(document: Any, *, _depth: int = 0) -> str:
     NaN and infinities are refused (``ValueError``) at every level, and so
     are object keys that are not ``str`` (``TypeError``) in the expanded ones.
     """
-    if not isinstance(document, dict) or not document or _depth >= _JSON_LINE_DEPTH:
+    if not isinstance(document, dict) or not document or _depth >= _limit:
         return json.dumps(document, allow_nan=False, ensure_ascii=False, separators=(", ", ": "))
     pad = " " * (_depth + 1)
     for key in document:
         if not isinstance(key, str):
             raise TypeError(f"JSON object keys must be str, not {type(key).__name__} ({key!r})")
     members = ",\n".join(
-        f"{pad}{json.dumps(k, ensure_ascii=False)}: {dumps_json(v, _depth=_depth + 1)}"
+        f"{pad}{json.dumps(k, ensure_ascii=False)}: "
+        f"{dumps_json(v, _depth=_depth + 1, _limit=_SHALLOW.get(k, _limit))}"
         for k, v in document.items()
     )
     return "{\n" + members + "\n" + " " * _depth + "}"

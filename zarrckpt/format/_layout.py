@@ -101,17 +101,26 @@ class ArrayLayout:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def __post_init__(self) -> None:
+        # derived grids, computed once (layouts are immutable and consulted per chunk)
+        grid = tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape, strict=True))
+        inner = (
+            tuple(1 for _ in self.shape)
+            if self.inner_shape is None
+            else tuple(c // i for c, i in zip(self.chunk_shape, self.inner_shape, strict=True))
+        )
+        object.__setattr__(self, "_grid", grid)
+        object.__setattr__(self, "_inner_grid", inner)
+
     @property
     def grid_shape(self) -> Shape:
         """Number of chunks along each dimension."""
-        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape, strict=True))
+        return self._grid  # type: ignore[attr-defined,no-any-return]
 
     @property
     def inner_grid_shape(self) -> Shape:
         """Number of inner chunks per chunk along each dimension."""
-        if self.inner_shape is None:
-            return tuple(1 for _ in self.shape)
-        return tuple(c // i for c, i in zip(self.chunk_shape, self.inner_shape, strict=True))
+        return self._inner_grid  # type: ignore[attr-defined,no-any-return]
 
     @property
     def chunk_nbytes(self) -> int:

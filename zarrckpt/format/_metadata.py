@@ -278,7 +278,7 @@ def check_array_document(entry: ArrayEntry, document: Any, *, checkpoint: str) -
             and layout == entry.layout
             and all(document.get(k) == expected[k] for k in _DECODING_KEYS)
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise CorruptCheckpointError(
             f"checkpoint {checkpoint!r}: zarr.json of array {entry.fqn!r} "
             f"(at {entry.path!r}) is malformed ({e!r})"
