@@ -320,3 +320,22 @@ def test_v2_checkpoint_written_by_zarrckpt_before_format_3(tmp_path: Path) -> No
         f.write(bytes(data))
     with pytest.raises(CorruptCheckpointError, match="model.big"):
         zarrckpt.open(path).read("model.big")
+
+
+def test_verify_lists_the_staging_of_a_dead_save(tmp_path: Path) -> None:
+    """A staging left beside the checkpoint by a save whose process is gone is listed
+    (not a problem of the checkpoint) and removed by the next save."""
+    path = str(tmp_path / "c")
+    zarrckpt.save({"w": torch.ones(2)}, path, fsync=False)
+    code = (
+        "import sys; from zarrckpt.storage._local import open_store; "
+        "print(open_store(sys.argv[1]).stage().token)"  # a save whose process then ends
+    )
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
+    staging = proc.stdout.strip()
+    assert proc.returncode == 0 and os.path.isdir(staging), proc.stderr
+    report = verify(path)
+    assert report.ok and staging in report.leftovers, report
+    assert "dead save" in str(report)
+    zarrckpt.save({"w": torch.zeros(2)}, path, fsync=False, overwrite=True)
+    assert verify(path).leftovers == [] and not os.path.exists(staging)

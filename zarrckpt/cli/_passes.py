@@ -121,6 +121,8 @@ def _verify(args: argparse.Namespace, out: Output) -> int:
         return code
     summary = (f"{report.arrays} arrays, {report.chunks} chunks, "
                f"{report.bytes_verified} bytes verified")
+    for leftover in report.leftovers:
+        out.line(f"left by a dead save (the next save removes it): {leftover}")
     if report.ok:
         out.line(f"OK {args.path}: {summary}", style="green")
         return code

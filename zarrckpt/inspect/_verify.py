@@ -97,6 +97,11 @@ class VerifyReport:
     arrays, chunks, bytes_verified
         Number of arrays and chunk files checked, and payload bytes whose
         checksums were verified.
+    leftovers
+        What dead saves to this location left behind (stale staging directories
+        beside a local checkpoint, objects outside the manifest on an object
+        store): not part of the checkpoint, removed by the next save there;
+        listed for information, not counted as problems.
     """
 
     path: str
@@ -105,6 +110,7 @@ class VerifyReport:
     arrays: int = 0
     chunks: int = 0
     bytes_verified: int = 0
+    leftovers: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -127,16 +133,19 @@ class VerifyReport:
             "chunks": self.chunks,
             "bytes_verified": self.bytes_verified,
             "problems": [p.to_dict() for p in self.problems],
+            "leftovers": list(self.leftovers),
         }
 
     def __str__(self) -> str:
         if self.ok:
-            return (
+            lines = [
                 f"{self.path}: OK ({self.arrays} arrays, {self.chunks} chunks, "
                 f"{self.bytes_verified} bytes verified)"
-            )
-        lines = [f"{self.path}: {len(self.problems)} problem(s)"]
-        lines += [f"  {p.kind}: {p.message}" for p in self.problems]
+            ]
+        else:
+            lines = [f"{self.path}: {len(self.problems)} problem(s)"]
+            lines += [f"  {p.kind}: {p.message}" for p in self.problems]
+        lines += [f"  left by a dead save (removed by the next save): {x}" for x in self.leftovers]
         return "\n".join(lines)
 
 
@@ -383,6 +392,7 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
     if kind != "dir":
         raise CheckpointNotFoundError(f"{path!r} is a file, not a zarrckpt checkpoint directory")
     report = VerifyReport(path)
+    report.leftovers = [*store.stale_stagings(), *store.leftovers()]
     marker_name, marker = _read_marker(store, report)
     if marker is not None:
         version = marker.get("format_version")
