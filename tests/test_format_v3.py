@@ -339,3 +339,20 @@ def test_verify_lists_the_staging_of_a_dead_save(tmp_path: Path) -> None:
     assert "dead save" in str(report)
     zarrckpt.save({"w": torch.zeros(2)}, path, fsync=False, overwrite=True)
     assert verify(path).leftovers == [] and not os.path.exists(staging)
+
+
+@pytest.mark.parametrize("layout", ["shard", "pieces"])
+def test_zarr_view_never_mixes_an_overwritten_checkpoint(tmp_path: Path, layout: str) -> None:
+    """A zarr view opened before an overwrite=True save reads the new files by path:
+    their chunks are not the ones its manifest records, so the read raises."""
+    path = str(tmp_path / "c")
+    options = {"fsync": False, "chunk_bytes": 1024, "inner_chunk_bytes": 256,
+               "file_layout": layout}
+    zarrckpt.save(_two_layer_state(0), path, **options)
+    view = zarrckpt.open(path)["l0.w"]
+    assert_bits_equal(_two_layer_state(0)["l0.w"], torch.from_numpy(view[...]))
+    zarrckpt.save(_two_layer_state(1), path, overwrite=True, **options)
+    with pytest.raises(CorruptCheckpointError, match="does not record"):
+        view[...]
+    fresh = zarrckpt.open(path)["l0.w"][...]
+    assert_bits_equal(_two_layer_state(1)["l0.w"], torch.from_numpy(fresh))
