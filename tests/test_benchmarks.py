@@ -228,3 +228,69 @@ def test_inode_cost_measures_every_case(tmp_path: Path) -> None:
         assert r["create_ms"] > 0 and r["sync_ms"] >= 0
         assert r["us_per_inode"] == pytest.approx(r["create_ms"] * 1e3 / r["inodes"])
     assert list(tmp_path.iterdir()) == []  # the scratch directory is removed at the end
+
+
+def test_files_at_scale_runs_with_the_suite(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    """(g) runs after the timing workloads; its real saves have the files the
+    projection predicts, load back bit-exact, and v3 files do not grow with ranks."""
+    from benchmarks import _projection as proj
+    from benchmarks import files_at_scale
+
+    out, _ = tiny_run
+    with open(out / "files_at_scale.json") as f:
+        results = json.load(f)
+    assert "## (g) files_at_scale" in (out / "files_at_scale.md").read_text()
+    _, specs = proj.tensor_specs(proj.model_state(files_at_scale.real_parameters("tiny")))
+    worlds = sorted({r["world_size"] for r in results["real"]})
+    assert worlds == [1, 2]
+    for row in results["real"]:
+        predicted = proj.projected_counts(specs, row["world_size"])[row["layout"]]
+        assert (row["files"], row["dirs"]) == (predicted["files"], predicted["dirs"]), row
+        assert row["tensors"] == len(specs)
+        if row["layout"] == "dcp":
+            assert row["entries"] == predicted["entries"]
+        else:
+            assert row["loads_bit_exact"] is True
+    v3 = {r["files"] for r in results["real"] if r["layout"] == "zarrckpt v3 shard"}
+    assert len(v3) == 1
+    assert all(t["met"] for t in results["targets"])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 8, 64])
+def test_projection_equals_the_real_planner(world: int) -> None:
+    """The per-shape shortcut gives the counts of plan_arrays + plan_storage on every
+    piece (uneven rows and empty trailing ranks included: vocab 50, 10 KV rows)."""
+    from benchmarks import _projection as proj
+
+    model = proj.ModelShape(layers=2, hidden=16, intermediate=40, vocab=50, kv_heads=5, head_dim=2)
+    tree, specs = proj.tensor_specs(proj.model_state(model.parameters()))
+    projected = proj.projected_counts(specs, world)
+    planned = proj.planned_counts(specs, world)
+    for layout in planned:
+        assert projected[layout] == planned[layout], layout
+    # v3 shard files: zarr.json + one file per array, whatever the world size
+    assert projected["zarrckpt v3 shard"]["files"] == 2 + 2 * len(specs)
+    assert projected["zarrckpt v3 shard"]["dirs"] == 2 + len(specs)
+    assert projected["dcp"]["files"] == world + 1
+    _, entries = proj.dcp_metadata(specs, world)
+    assert entries == projected["dcp"]["entries"]
+    if world > 1:
+        assert projected["zarrckpt v1/v2"]["files"] > 2 + 2 * len(specs)
+
+
+def test_projection_manifest_carries_the_crc_tables() -> None:
+    """Manifest bytes grow with the crc32c tables (4 bytes per position, base64)."""
+    from benchmarks import _projection as proj
+
+    model = proj.ModelShape(layers=1, hidden=64, intermediate=96, vocab=128, kv_heads=2, head_dim=8)
+    tree, specs = proj.tensor_specs(proj.model_state(model.parameters()))
+    small, _ = proj.manifest(tree, specs, 2, "zarrckpt v3 shard")
+    large, _ = proj.manifest(tree, specs, 16, "zarrckpt v3 shard")
+    old, _ = proj.manifest(tree, specs, 16, "zarrckpt v1/v2")
+    positions = {
+        w: sum(proj._counts(s.shape, 4, s.sharded, w).shard.crc_table_size for s in specs.values())
+        for w in (2, 16)
+    }
+    # base64 of 4 bytes per extra position, plus the longer sharding / shape text
+    assert large - small >= 4 * (positions[16] - positions[2]) * 4 // 3
+    assert old < small  # no crc tables, no consolidated metadata
