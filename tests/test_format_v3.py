@@ -356,3 +356,31 @@ def test_zarr_view_never_mixes_an_overwritten_checkpoint(tmp_path: Path, layout:
         view[...]
     fresh = zarrckpt.open(path)["l0.w"][...]
     assert_bits_equal(_two_layer_state(1)["l0.w"], torch.from_numpy(fresh))
+
+
+def test_format_3_record_without_its_crc_table_is_refused(tmp_path: Path) -> None:
+    """A root rewritten without the crc tables (commit marker fixed up to match) must
+    not silently turn the binding check off: the records are refused."""
+    from zarrckpt.format._codec import crc32c
+
+    path = str(tmp_path / "c")
+    zarrckpt.save(_two_layer_state(0), path, fsync=False)
+    root = os.path.join(path, "zarr.json")
+    with open(root) as f:
+        doc = json.load(f)
+    for record in doc["attributes"]["zarrckpt"]["arrays"].values():
+        del record["crc32c"]
+    data = json.dumps(doc).encode()
+    with open(root, "wb") as f:
+        f.write(data)
+    marker_path = os.path.join(path, "~commit", "zarr.json")
+    with open(marker_path) as f:
+        marker = json.load(f)
+    marker["attributes"]["zarrckpt_commit"]["root_metadata_crc32c"] = crc32c(data)
+    with open(marker_path, "w") as f:
+        json.dump(marker, f)
+    shutil.copy(os.path.join(path, "l0.w", "c.0.0"), os.path.join(path, "l1.w", "c.0.0"))
+    with pytest.raises(CorruptCheckpointError, match="crc32c table"):
+        zarrckpt.load({"l0.w": torch.zeros(64, 16), "l1.w": torch.zeros(64, 16)}, path)
+    report = verify(path)
+    assert not report.ok and any("crc32c table" in p.message for p in report.problems)

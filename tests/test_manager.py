@@ -317,9 +317,11 @@ def test_background_error_on_one_rank_raised_by_the_next_call(
 @pytest.mark.slow
 def test_two_ranks_background_error_on_every_rank_and_retention_agreed(tmp_path: Path) -> None:
     results = run_distributed(cases.two_rank_cases, 2, str(tmp_path))
-    expected = [f"{call}: DistributedSaveError" for call in ("save", "wait", "restore", "close")]
-    for seen, retained in results:
-        # rank 1's writes fail in the background; both ranks raise at the next call
+    for rank, (seen, retained) in enumerate(results):
+        # rank 1's writes fail in the background; both ranks raise at the next call,
+        # rank 1 its own storage error, rank 0 DistributedSaveError naming rank 1
+        error = "StorageError" if rank == 1 else "DistributedSaveError"
+        expected = [f"{call}: {error}" for call in ("save", "wait", "restore", "close")]
         assert seen[:4] == expected, seen
         assert seen[4] == "steps [8], incomplete []", seen
         # keep_last 1 -> 6, keep_every 3 -> 0, 3, 6, best acc (max) -> 1

@@ -191,8 +191,11 @@ def check_unique_paths(entries: list[ArrayEntry], *, checkpoint: str) -> None:
         seen[e.path] = e.fqn
 
 
-def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry:
-    """Rebuild an :class:`ArrayEntry` from its manifest record."""
+def parse_entry(
+    fqn: str, raw: dict[str, Any], *, checkpoint: str, format_version: Any = None
+) -> ArrayEntry:
+    """Rebuild an :class:`ArrayEntry` from its manifest record (of a checkpoint of
+    ``format_version``: from version 3 on the crc32c table is required)."""
     try:
         dtype = info_for_zarr(raw["dtype"], key=fqn, path=checkpoint)
         inner = raw.get("inner_chunk_shape")
@@ -213,6 +216,8 @@ def parse_entry(fqn: str, raw: dict[str, Any], *, checkpoint: str) -> ArrayEntry
         kind = raw.get("kind", "tensor")
         path = raw["path"]
         crcs = _parse_crcs(raw.get("crc32c"), layout)
+        if crcs is None and isinstance(format_version, int) and format_version >= 3:
+            raise ValueError("no crc32c table, which format version 3 requires")
     except (KeyError, TypeError, ValueError, ZeroDivisionError, binascii.Error) as e:
         raise CorruptCheckpointError(
             f"checkpoint {checkpoint!r}: manifest record of {fqn!r} is malformed ({e!r})"

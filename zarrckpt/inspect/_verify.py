@@ -326,7 +326,9 @@ def _entries(path: str, manifest: dict[str, Any], report: VerifyReport) -> list[
             continue
         for fqn, raw in records.items():
             try:
-                entry = parse_entry(fqn, raw, checkpoint=path)
+                entry = parse_entry(
+                    fqn, raw, checkpoint=path, format_version=manifest.get("format_version")
+                )
                 parts = entry.path.split("/")
                 if not entry.path or entry.path.startswith("/") or ".." in parts:
                     raise CorruptCheckpointError(

@@ -51,19 +51,20 @@ class CheckpointFiles:
         self.path = self.store.path
         self.root = self.store.read_committed_root()
         self.manifest: dict[str, Any] = self.root["attributes"][FORMAT_NAME]
+        version = self.manifest.get("format_version")
         try:
             self.tree: dict[str, Any] = self.manifest["tree"]
             self.arrays: dict[str, ArrayEntry] = {
-                fqn: parse_entry(fqn, raw, checkpoint=self.path)
+                fqn: parse_entry(fqn, raw, checkpoint=self.path, format_version=version)
                 for fqn, raw in self.manifest["arrays"].items()
             }
             self.pickled: dict[str, ArrayEntry] = {
-                fqn: parse_entry(fqn, raw, checkpoint=self.path)
+                fqn: parse_entry(fqn, raw, checkpoint=self.path, format_version=version)
                 for fqn, raw in self.manifest.get("pickled", {}).items()
             }
             #: large bytes values stored as arrays (format version 2)
             self.byte_arrays: dict[str, ArrayEntry] = {
-                fqn: parse_entry(fqn, raw, checkpoint=self.path)
+                fqn: parse_entry(fqn, raw, checkpoint=self.path, format_version=version)
                 for fqn, raw in self.manifest.get("bytes", {}).items()
             }
         except (KeyError, TypeError, AttributeError) as e:
