@@ -217,10 +217,7 @@ def _scenarios() -> list[dict[str, Any]]:
                     continue
                 # three random draws for the random point: its delays cover the whole save
                 for who in ("one", "all") * (3 if point == "random" else 1):
-                    if point in RANK0_POINTS:
-                        victim = 0
-                    else:
-                        victim = rng.randrange(world_size)
+                    victim = 0 if point in RANK0_POINTS else rng.randrange(world_size)
                     out.append(
                         {
                             "world_size": world_size,

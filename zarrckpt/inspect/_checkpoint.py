@@ -204,6 +204,7 @@ class Checkpoint:
         from zarr.storage import LocalStore
 
         from .._zarr_dtypes import register_zarr_dtypes
+        from ._zarr_array import checked_array
 
         register_zarr_dtypes()
         entry = self._entry(fqn)
@@ -212,11 +213,12 @@ class Checkpoint:
         self._files.store.check_entries(entry.path)
         store = LocalStore(self.path, read_only=True)
         try:
-            return zarr.open_array(store, path=entry.path, mode="r")
-        except (ValueError, KeyError, TypeError) as e:
+            array = zarr.open_array(store, path=entry.path, mode="r")
+        except Exception as e:  # zarr's own errors on a document it cannot use
             raise CorruptCheckpointError(
                 f"checkpoint {self.path!r}: zarr cannot open array {fqn!r} at {entry.path!r}: {e}"
             ) from e
+        return checked_array(array, self.path, fqn)
 
     # ------------------------------------------------------------------ reading
     def read(self, fqn: str) -> torch.Tensor:

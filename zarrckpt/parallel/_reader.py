@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Iterable
@@ -16,6 +15,7 @@ import numpy as np
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..format._chunk_reader import ChunkReader
 from ..format._dtypes import numpy_as_tensor
+from ..format._json import loads_json
 from ..format._marker import FORMAT_NAME
 from ..format._metadata import ArrayEntry, check_array_document, parse_entry
 from ..storage._base import Store
@@ -90,7 +90,7 @@ class CheckpointFiles:
         # the exact bytes zarrckpt writes for this entry pass without parsing
         if data != array_json(entry):
             try:
-                document = json.loads(data)
+                document = loads_json(data)
             except ValueError as e:
                 raise CorruptCheckpointError(
                     f"{self.what(entry)}: array metadata {self.store.location(key)!r} is not "
