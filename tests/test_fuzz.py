@@ -23,9 +23,11 @@ Invariants, checked for every example:
 * nothing outside the checkpoint is opened (a ``sys.addaudithook`` hook sees
   every ``open``/``os.listdir``/``os.scandir`` of the reader) or written (a
   sentinel directory beside the checkpoint stays byte-for-byte and mtime unchanged);
-* memory stays bounded: the traced peak (``tracemalloc``, which counts numpy
-  buffers) of one example stays under :data:`PEAK_LIMIT` while the metadata
-  claims arrays of up to 10**15 elements.
+* memory stays bounded: in the number and index tests (every number of the
+  metadata, every aligned 64-bit integer of the binary files replaced by huge
+  ones, arrays of up to 10**15 elements claimed) the traced peak
+  (``tracemalloc``, which counts numpy buffers) of one example stays under
+  :data:`PEAK_LIMIT`.
 
 Example counts: ``FAST`` by default, ``SLOW`` (>= 10,000 in total) in the slow
 group; ``ZARRCKPT_FUZZ_SCALE`` multiplies both (e.g. 10 for a long local run).
@@ -34,6 +36,7 @@ Examples are derandomized (fixed seeds), so a failure reproduces.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import struct
@@ -42,6 +45,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+import crc32c
 import numpy as np
 import pytest
 import torch
@@ -61,6 +65,8 @@ SLOW = {"json": 3000, "numbers": 2500, "bytes": 3000, "index": 1500}
 PEAK_LIMIT = 64 << 20
 
 OPS = ("load", "open_getitem", "read", "verify")
+#: the commit marker (the only path the test knows: the format's commit protocol)
+MARKER = os.path.join("~commit", "zarr.json")
 
 
 def make_state() -> dict[str, Any]:
@@ -190,6 +196,9 @@ class Target:
 def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
     Audit.install()
     t = Target(str(tmp_path_factory.mktemp("fuzz")))
+    assert MARKER in t.json_files
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+        codecs.lookup(encoding)  # json.loads of bytes imports these on first sight
     for op in OPS:  # warm up: lazy imports happen before the audit starts
         run_reader(t, op, "big")
     return t
@@ -203,7 +212,7 @@ def _check_values(got: dict[str, Any]) -> None:
         assert tensor_bytes(got[key]) == tensor_bytes(expected), f"{key}: wrong values loaded"
 
 
-def _load(t: Target) -> None:
+def _load(t: Target, exact: bool = True) -> None:
     target = {
         "big": torch.zeros(48, 64),
         "bf16": torch.zeros(300, dtype=torch.bfloat16),
@@ -217,24 +226,28 @@ def _load(t: Target) -> None:
         "lr": None,
     }
     zarrckpt.load(target, t.path)
+    if not exact:
+        return
     _check_values(flat_tensors(target))
     assert (target["nested"]["step"], target["name"], target["lr"]) == (7, "fuzz", 0.125)
 
 
-def run_reader(t: Target, op: str, key: str) -> str:
-    """Run reader ``op``; return "ok" (original values) or "error" (a ZarrCkptError)."""
+def run_reader(t: Target, op: str, key: str, exact: bool = True) -> str:
+    """Run reader ``op``; return "ok" or "error" (a ZarrCkptError). With ``exact``
+    "ok" means the original values were read (else: whatever the manifest says)."""
     try:
         if op == "load":
-            _load(t)
+            _load(t, exact)
         elif op == "open_getitem":
             data = zarrckpt.open(t.path)[key][...]
-            assert tensor_bytes(np.asarray(data)) == tensor_bytes(TENSORS[key]), key
+            assert not exact or tensor_bytes(np.asarray(data)) == tensor_bytes(TENSORS[key]), key
         elif op == "read":
-            assert tensor_bytes(zarrckpt.open(t.path).read(key)) == tensor_bytes(TENSORS[key])
+            data = zarrckpt.open(t.path).read(key)
+            assert not exact or tensor_bytes(data) == tensor_bytes(TENSORS[key]), key
         else:
             report = zarrckpt.inspect.verify(t.path)
             if report.ok:  # then the checkpoint must really be intact
-                _load(t)
+                _load(t, exact)
             else:
                 assert report.problems
                 return "error"
@@ -243,14 +256,30 @@ def run_reader(t: Target, op: str, key: str) -> str:
     return "ok"
 
 
-def check_example(t: Target, rel: str, data: bytes, op: str, key: str) -> str:
-    """Write ``data`` over file ``rel``, run ``op``, restore; check the invariants."""
+def check_example(
+    t: Target, rel: str, data: bytes, op: str, key: str, *, trace: bool = False
+) -> str:
+    """Write ``data`` over file ``rel``, run ``op``, restore; check the invariants.
+
+    A mutated root ``zarr.json`` comes with a re-signed commit marker (its
+    ``root_metadata_crc32c`` recomputed) half of the time: a crc32c is no
+    signature, so whoever crafts a checkpoint can make the two agree, and the
+    readers' checks of the manifest itself must hold on their own (and a
+    reader may then return whatever values the re-signed manifest describes).
+    With ``trace`` the example runs under tracemalloc and its peak is bounded.
+    """
     t.write(rel, data)
+    resigned = rel == "zarr.json" and crc32c.crc32c(data) % 2 == 0
+    if resigned:
+        marker = json.loads(t.original[MARKER])
+        marker["attributes"]["zarrckpt_commit"]["root_metadata_crc32c"] = crc32c.crc32c(data)
+        t.write(MARKER, json.dumps(marker).encode())
     Audit.seen = []
-    tracemalloc.start()
+    if trace:
+        tracemalloc.start()
     Audit.active = True
     try:
-        outcome = run_reader(t, op, key)
+        outcome = run_reader(t, op, key, exact=not resigned)
     except Exception as e:
         raise AssertionError(
             f"{op} of {key!r} with {rel} mutated ({len(data)} bytes, "
@@ -258,9 +287,11 @@ def check_example(t: Target, rel: str, data: bytes, op: str, key: str) -> str:
         ) from e
     finally:
         Audit.active = False
-        peak = tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1] if trace else 0
         tracemalloc.stop()
         t.restore(rel)
+        if resigned:
+            t.restore(MARKER)
     assert peak < PEAK_LIMIT, f"{op} with {rel} mutated: traced peak {peak} bytes"
     bad = outside(t.root, Audit.seen)
     assert not bad, f"{op} with {rel} mutated touched paths outside the checkpoint: {bad[:5]}"
@@ -406,7 +437,7 @@ def test_fuzz_json_numbers(target: Target, slow: bool) -> None:
     """Every number of the JSON documents replaced by a huge, negative or other number
     (shapes and chunk shapes claiming 10**15 elements, offsets past the file...)."""
     fuzz(json_cases(target, numbers_only=True),
-         lambda c: check_example(target, *c), "numbers", slow)
+         lambda c: check_example(target, *c, trace=True), "numbers", slow)
 
 
 # --------------------------------------------------------------------------- binary
@@ -460,7 +491,7 @@ def test_fuzz_binary_files(target: Target, slow: bool) -> None:
 def test_fuzz_index_integers(target: Target, slow: bool) -> None:
     """Large 64-bit integers written over aligned positions (shard index offsets/lengths)."""
     fuzz(binary_cases(target, index_only=True),
-         lambda c: check_example(target, *c), "index", slow)
+         lambda c: check_example(target, *c, trace=True), "index", slow)
 
 
 def test_fixture_readers_succeed_unmutated(target: Target) -> None:

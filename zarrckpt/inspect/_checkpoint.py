@@ -201,17 +201,16 @@ class Checkpoint:
     def __getitem__(self, fqn: str) -> Any:
         """The stored array as a read-only ``zarr.Array`` (global shape, original dtype)."""
         import zarr
-        from zarr.storage import LocalStore
 
         from .._zarr_dtypes import register_zarr_dtypes
-        from ._zarr_array import checked_array
+        from ._zarr_array import checked_array, checked_store
 
         register_zarr_dtypes()
         entry = self._entry(fqn)
         self._files.check_metadata(entry)
         # zarr-python opens the array's files by path: refuse links and FIFOs first
         self._files.store.check_entries(entry.path)
-        store = LocalStore(self.path, read_only=True)
+        store = checked_store(self.path)
         try:
             array = zarr.open_array(store, path=entry.path, mode="r")
         except Exception as e:  # zarr's own errors on a document it cannot use

@@ -15,10 +15,38 @@ from collections.abc import Callable
 from typing import Any
 
 import zarr
+import zarr.storage
 
 from ..errors import CorruptCheckpointError, ZarrCkptError
 
-__all__ = ["checked_array"]
+__all__ = ["checked_array", "checked_store"]
+
+#: keys zarr-python may probe that need not exist (metadata, never chunks)
+_METADATA_NAMES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+
+
+class _ChunkMissing(Exception):
+    """A chunk key of a zarrckpt array is absent or empty (zarr would fill it in)."""
+
+
+class CheckedStore(zarr.storage.LocalStore):  # type: ignore[misc]
+    """A read-only ``LocalStore`` on which an absent or empty chunk is an error.
+
+    zarr-python reads an absent chunk (and an empty chunk file) as "never
+    written" and returns the fill value; every chunk of a zarrckpt array is
+    written, so a checkpoint that lacks one is damaged.
+    """
+
+    async def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        value = await super().get(key, *args, **kwargs)
+        if (value is None or len(value) == 0) and not key.endswith(_METADATA_NAMES):
+            raise _ChunkMissing(f"chunk {key!r} is missing or empty")
+        return value
+
+
+def checked_store(path: str) -> CheckedStore:
+    """A read-only :class:`CheckedStore` of the checkpoint directory ``path``."""
+    return CheckedStore(path, read_only=True)
 
 
 def _checked(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,6 +18,7 @@ from ..format._dtypes import numpy_as_tensor
 from ..format._json import loads_json
 from ..format._marker import FORMAT_NAME
 from ..format._metadata import ArrayEntry, check_array_document, parse_entry
+from ..format._tree_check import check_tree
 from ..storage._base import Store
 from ..storage._local import open_store
 from ._writer import array_json
@@ -66,6 +67,8 @@ class CheckpointFiles:
                 fqn: parse_entry(fqn, raw, checkpoint=self.path)
                 for fqn, raw in self.manifest.get("bytes", {}).items()
             }
+            check_tree(self.tree, tensors=self.arrays, pickled=self.pickled,
+                       byte_arrays=self.byte_arrays, checkpoint=self.path)
         except (KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(
                 f"checkpoint {self.path!r}: manifest is malformed ({e!r})"
