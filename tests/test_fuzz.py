@@ -317,9 +317,13 @@ def fuzz(strategy: st.SearchStrategy[Any], body: Callable[[Any], None], kind: st
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def inner(case: Any) -> None:
+        ran.append(None)
         body(case)
 
+    ran: list[None] = []
     inner()
+    # the cases really ran (hypothesis stops early only when the space is exhausted)
+    assert len(ran) >= n, f"{kind}: {len(ran)} of {n} examples ran"
 
 
 def _traced(case: tuple[str, bytes, str, str]) -> bool:
@@ -594,3 +598,14 @@ def test_crafted_layout_is_corrupt(fresh: Target, field: str, value: Any) -> Non
         tracemalloc.stop()
     assert not report.ok and any(p.key == "big" for p in report.problems)
     assert peak < PEAK_LIMIT
+
+
+def test_array_document_with_bad_codec_configuration_is_corrupt(fresh: Target) -> None:
+    """A sharding configuration that is not an object tripped an ``assert`` (an
+    AssertionError, or nothing under ``python -O``) in the layout parser."""
+    rel = os.path.join("big", "zarr.json")
+    doc = json.loads(fresh.original[rel])
+    doc["codecs"][0]["configuration"] = 10**15
+    fresh.write(rel, json.dumps(doc).encode())
+    with pytest.raises(zarrckpt.errors.CorruptCheckpointError, match="big"):
+        _load(fresh)

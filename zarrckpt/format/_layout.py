@@ -219,6 +219,7 @@ def layout_from_codecs(
     inner: Shape | None = None
     if codecs and codecs[0].get("name") == "sharding_indexed":
         config = codecs[0]["configuration"]
-        assert isinstance(config, dict)
+        if not isinstance(config, dict):
+            raise TypeError(f"sharding_indexed configuration is {type(config).__name__}")
         inner = tuple(config["chunk_shape"])
     return ArrayLayout(tuple(shape), tuple(chunk_shape), inner, itemsize)
