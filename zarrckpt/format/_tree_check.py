@@ -12,8 +12,7 @@ and the inspection code that walk it meet only well-formed nodes:
   ``tuple`` (a list of nodes), ``stateful`` (a node), ``tensor`` / ``pickle``
   (the name of an array of the manifest) or ``bytes`` (``{"base64": str}`` or
   ``{"array": name}``, optionally with ``"bytearray": true``);
-* the root is a ``dict`` (or ``stateful``) node, and the tree is at most
-  :data:`MAX_DEPTH` nodes deep (the recursive walks of the readers stay far
+* the tree is at most :data:`MAX_DEPTH` nodes deep (the recursive walks of the readers stay far
   from Python's recursion limit).
 """
 
@@ -50,8 +49,6 @@ def check_tree(
             f"{where or 'its root'}: {why}"
         )
 
-    if not (isinstance(tree, dict) and len(tree) == 1 and ("dict" in tree or "stateful" in tree)):
-        raise bad("", f"expected a dict node, found {str(tree)[:80]!r}")
     stack: list[tuple[Any, str, int]] = [(tree, "", 0)]
     while stack:
         node, where, depth = stack.pop()
