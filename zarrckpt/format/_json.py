@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["dumps_json"]
+__all__ = ["dumps_json", "loads_json"]
 
 #: objects nested deeper than this are written on one line by :func:`dumps_json`
 _JSON_LINE_DEPTH = 4
@@ -37,3 +37,16 @@ def dumps_json(document: Any, *, _depth: int = 0, _limit: int = _JSON_LINE_DEPTH
         for k, v in document.items()
     )
     return "{\n" + members + "\n" + " " * _depth + "}"
+
+
+def loads_json(data: str | bytes) -> Any:
+    """``json.loads(data)``, raising ``ValueError`` for every text it cannot parse.
+
+    ``json.loads`` raises ``RecursionError`` for deeply nested text (``[[[[...``
+    some thousand levels deep), which a hostile checkpoint can hold; readers
+    handle ``ValueError`` as "not valid JSON", so that is what this raises.
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON text nested too deeply") from None

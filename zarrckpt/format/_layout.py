@@ -289,7 +289,8 @@ def layout_from_codecs(
     index_location = "end"
     if codecs and codecs[0].get("name") == "sharding_indexed":
         config = codecs[0]["configuration"]
-        assert isinstance(config, dict)
+        if not isinstance(config, dict):
+            raise TypeError(f"sharding_indexed configuration is {type(config).__name__}")
         inner = tuple(config["chunk_shape"])
         index_location = str(config.get("index_location", "end"))
     return ArrayLayout(

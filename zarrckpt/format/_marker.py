@@ -7,11 +7,11 @@ through :func:`check_marker` and :func:`check_root`.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError
 from ._codec import crc32c
+from ._json import loads_json
 
 __all__ = [
     "COMMIT_ATTRIBUTE",
@@ -101,7 +101,7 @@ def check_marker(path: str, name: str, raw: bytes) -> dict[str, Any]:
         Not JSON, a format version newer than this zarrckpt, or at the wrong place.
     """
     try:
-        document = json.loads(raw)
+        document = loads_json(raw)
     except ValueError as e:
         raise CorruptCheckpointError(
             f"checkpoint {path!r}: commit marker {name!r} is not valid JSON ({e})"
@@ -140,7 +140,7 @@ def check_root(path: str, root_bytes: bytes, marker: dict[str, Any]) -> dict[str
             "checksum recorded in the commit marker (damaged or modified after commit)"
         )
     try:
-        root = json.loads(root_bytes)
+        root = loads_json(root_bytes)
         manifest = root["attributes"][FORMAT_NAME]
         same = (
             manifest["format_version"] == version

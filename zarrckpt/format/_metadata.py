@@ -14,6 +14,7 @@ from ..errors import CorruptCheckpointError, InvalidKeyError, ZarrCkptError
 from ._dtypes import DTypeInfo, info_for_zarr
 from ._fqn import fqn_to_path
 from ._layout import ArrayLayout, layout_from_codecs
+from ._layout_check import check_layout
 from ._marker import FORMAT_NAME, FORMAT_VERSION
 
 #: group holding the arrays of pickled objects (``~`` never starts an encoded FQN)
@@ -199,6 +200,8 @@ def parse_entry(
     try:
         dtype = info_for_zarr(raw["dtype"], key=fqn, path=checkpoint)
         inner = raw.get("inner_chunk_shape")
+        check_layout(fqn, raw["shape"], raw["chunk_shape"], inner, dtype.itemsize,
+                     checkpoint=checkpoint)
         separator = raw.get("chunk_key_separator", "/")
         index_location = raw.get("index_location", "end")
         if separator not in ("/", ".") or index_location not in ("start", "end"):

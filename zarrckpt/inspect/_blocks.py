@@ -3,13 +3,13 @@ through zarrckpt's verified chunk reader."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from ..errors import CorruptCheckpointError
 from ..format._chunk_reader import ChunkReader
+from ..format._json import loads_json
 from ..format._metadata import ArrayEntry, check_array_document
 from ..parallel._reader import CheckpointFiles
 from ..storage._base import Store
@@ -52,7 +52,7 @@ class _ChunkSource:
             key = f"{self.entry.path}/zarr.json"
             doc_path = self.store.location(key)
             try:
-                document = json.loads(self.store.read_small(key))
+                document = loads_json(self.store.read_small(key))
             except (OSError, ValueError) as e:
                 raise CorruptCheckpointError(
                     f"checkpoint {self.path!r}, key {self.entry.fqn!r}: array metadata "

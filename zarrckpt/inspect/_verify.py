@@ -14,7 +14,6 @@ checks, in this order and without stopping at the first problem:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ZarrCkptError
 from ..format._chunk_reader import ChunkReader
 from ..format._codec import crc32c, expected_chunk_size
+from ..format._json import loads_json
 from ..format._layout import ArrayLayout, Region
 from ..format._marker import (
     COMMIT_MARKER,
@@ -253,7 +253,7 @@ def _read_marker(store: Store, report: VerifyReport) -> tuple[str, dict[str, Any
     path = store.path
     name = store.find_commit_marker()
     try:
-        document = json.loads(store.read_small(name))
+        document = loads_json(store.read_small(name))
     except FileNotFoundError:
         report.problems.append(Problem(
             "missing_commit_marker",
@@ -300,7 +300,7 @@ def _read_manifest(store: Store, marker: dict[str, Any] | None, report: VerifyRe
             file=ROOT_METADATA,
         ))
     try:
-        manifest = json.loads(root_bytes)["attributes"][FORMAT_NAME]
+        manifest = loads_json(root_bytes)["attributes"][FORMAT_NAME]
         if not isinstance(manifest, dict):
             raise TypeError("manifest is not a JSON object")
     except (ValueError, KeyError, TypeError) as e:
@@ -351,7 +351,7 @@ def _check_array_metadata(store: Store, entry: ArrayEntry) -> Problem | None:
     path = store.path
     rel = f"{entry.path}/zarr.json"
     try:
-        document = json.loads(store.read_small(rel))
+        document = loads_json(store.read_small(rel))
         check_array_document(entry, document, checkpoint=path)
     except FileNotFoundError:
         return Problem("array_metadata", f"checkpoint {path!r}, key {entry.fqn!r}: array "

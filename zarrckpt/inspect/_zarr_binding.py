@@ -21,6 +21,7 @@ from ..errors import CorruptCheckpointError
 from ..format._codec import EMPTY
 from ..format._metadata import ArrayEntry
 from ..parallel._reader import CheckpointFiles
+from ._zarr_array import checked_array
 
 __all__ = ["BindingStore", "zarr_view"]
 
@@ -38,12 +39,13 @@ def zarr_view(files: CheckpointFiles, entry: ArrayEntry) -> Any:
     files.store.check_entries(entry.path)
     store = BindingStore(files.store.zarr_store(), entry, files.what(entry))
     try:
-        return zarr.open_array(store, path=entry.path, mode="r")
-    except (ValueError, KeyError, TypeError) as e:
+        array = zarr.open_array(store, path=entry.path, mode="r")
+    except Exception as e:  # zarr's own errors on a document it cannot use
         raise CorruptCheckpointError(
             f"checkpoint {files.path!r}: zarr cannot open array {entry.fqn!r} at "
             f"{entry.path!r}: {e}"
         ) from e
+    return checked_array(array, files.path, entry.fqn)
 
 
 class BindingStore(WrapperStore[Any]):
@@ -76,7 +78,14 @@ class BindingStore(WrapperStore[Any]):
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         buffer = await self._store.get(key, prototype, byte_range)
-        index = None if self._crcs is None else self._chunk_index(key)
+        chunk = self._chunk_index(key)
+        if chunk is not None and (buffer is None or len(buffer) == 0):
+            # zarr would read an absent chunk as "never written" (fill values); every
+            # chunk of a zarrckpt array is written, so this one is damage
+            raise CorruptCheckpointError(
+                f"{self._what}: chunk {key!r} is missing or empty"
+            )
+        index = None if self._crcs is None else chunk
         if buffer is None or index is None:
             return buffer
         data = buffer.as_numpy_array().view(np.uint8)

@@ -61,7 +61,10 @@ class Comm:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        try:
+            dist.all_gather_object(out, obj, group=self.group)
+        except Exception as e:
+            raise self._lost("all_gather", e) from e
         return out
 
     def gather(self, obj: Any) -> list[Any] | None:
@@ -83,8 +86,23 @@ class Comm:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        try:
+            dist.broadcast_object_list(
+                box, src=dist.get_global_rank(self.group, 0), group=self.group
+            )
+        except Exception as e:
+            raise self._lost("broadcast", e) from e
         return box[0]
+
+    def _lost(self, collective: str, error: Exception) -> DistributedSaveError:
+        """The error of a collective that failed under this rank: a peer died
+        (SIGKILL, OOM killer, lost node) or the group was destroyed. The backend
+        raises a bare RuntimeError; callers see a zarrckpt error naming the cause."""
+        return DistributedSaveError(
+            f"rank {self.rank} of {self.world_size}: the {collective} collective failed, "
+            f"another rank probably died or left the group: "
+            f"{type(error).__name__}: {str(error).strip()}"
+        )
 
     def agree(self, step: Callable[[], T], what: str) -> T:
         """Run ``step`` on every rank; if it failed on any rank, raise on all ranks."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Iterable
@@ -16,8 +15,10 @@ import numpy as np
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..format._chunk_reader import ChunkReader
 from ..format._dtypes import numpy_as_tensor
+from ..format._json import loads_json
 from ..format._marker import FORMAT_NAME
 from ..format._metadata import ArrayEntry, check_array_document, parse_entry
+from ..format._tree_check import check_tree
 from ..storage._base import Store
 from ..storage._local import open_store
 from ._writer import array_json
@@ -67,6 +68,8 @@ class CheckpointFiles:
                 fqn: parse_entry(fqn, raw, checkpoint=self.path, format_version=version)
                 for fqn, raw in self.manifest.get("bytes", {}).items()
             }
+            check_tree(self.tree, tensors=self.arrays, pickled=self.pickled,
+                       byte_arrays=self.byte_arrays, checkpoint=self.path)
         except (KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(
                 f"checkpoint {self.path!r}: manifest is malformed ({e!r})"
@@ -92,7 +95,7 @@ class CheckpointFiles:
         # the exact bytes zarrckpt writes for this entry pass without parsing
         if data != array_json(entry):
             try:
-                document = json.loads(data)
+                document = loads_json(data)
             except ValueError as e:
                 raise CorruptCheckpointError(
                     f"{self.what(entry)}: array metadata {self.store.location(key)!r} is not "

@@ -23,11 +23,11 @@ filesystem) touch files. An object-store backend implements the same methods.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from ..format._json import loads_json
 from ..format._marker import (
     COMMIT_MARKER,
     FORMAT_NAME,
@@ -273,7 +273,7 @@ class Store(ABC):
         if any(self.kind(name) == "file" for name in (COMMIT_MARKER, LEGACY_COMMIT_MARKER)):
             return True
         try:
-            root = json.loads(self.read_small(ROOT_METADATA))
+            root = loads_json(self.read_small(ROOT_METADATA))
             return FORMAT_NAME in root.get("attributes", {})
         except (OSError, ValueError, AttributeError):
             return False

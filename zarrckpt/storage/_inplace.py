@@ -30,13 +30,13 @@ the old checkpoint nor the new one (never a mix of the two).
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError
+from ..format._json import loads_json
 from ..format._marker import (
     COMMIT_GROUP,
     COMMIT_MARKER,
@@ -83,7 +83,7 @@ def owned_entries(path: str) -> set[str]:
     committed = has_commit_marker(path)
     try:
         with open(os.path.join(path, ROOT_METADATA), "rb") as f:
-            manifest = json.loads(f.read())["attributes"][FORMAT_NAME]
+            manifest = loads_json(f.read())["attributes"][FORMAT_NAME]
         for section in ("arrays", "pickled", "bytes"):
             for raw in manifest.get(section, {}).values():
                 name = str(raw["path"]).split("/")[0]

@@ -10,7 +10,6 @@ neither torch nor zarr (the command line uses it).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -24,6 +23,7 @@ from ..errors import (
     InvalidPathError,
     ZarrCkptError,
 )
+from ..format._json import loads_json
 from ..format._marker import COMMIT_MARKER, FORMAT_NAME, LEGACY_COMMIT_MARKER, ROOT_METADATA
 
 __all__ = [
@@ -175,7 +175,7 @@ def few(names: Iterable[str], n: int = 4) -> str:
 def _is_zarrckpt_root(path: str) -> bool:
     try:
         with open(os.path.join(path, ROOT_METADATA), "rb") as f:
-            root = json.loads(f.read())
+            root = loads_json(f.read())
         return FORMAT_NAME in root.get("attributes", {})
     except (OSError, ValueError, AttributeError):
         return False
