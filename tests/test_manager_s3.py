@@ -231,3 +231,26 @@ def test_an_incomplete_step_is_replaced_by_the_next_save(s3_server, s3_url):
     out = _zeros()
     assert manager.restore(out) == 5
     _assert_state(out, 5)
+
+
+@pytest.mark.slow
+def test_two_ranks_save_retain_and_restore(s3_server, s3_url):
+    import _manager_cases as cases
+
+    from zarrckpt.testing import run_distributed
+
+    opts = s3_server.options()
+    results = run_distributed(cases.s3_two_ranks, 2, s3_url, opts)
+    assert results == [([3, 4], [], 4, True)] * 2
+    assert _tops(s3_server, s3_url) == ["step_00000003", "step_00000004"]
+    # one process restores what two saved, bit-exact
+    manager = zarrckpt.CheckpointManager(s3_url, storage_options=opts)
+    target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1
+              for k, v in cases.s3_state(0).items()}
+    assert manager.restore(target, step=3) == 3
+    for k, v in cases.s3_state(3).items():
+        if isinstance(v, torch.Tensor):
+            assert_bits_equal(v, target[k], k)
+        else:
+            assert target[k] == v
+    assert manager.metrics(4) == {"rank_count": 2}
