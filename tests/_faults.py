@@ -269,6 +269,9 @@ class FaultyStore(Store):
     def remove(self) -> None:
         self.inner.remove()
 
+    def zarr_store(self) -> Any:
+        return self.inner.zarr_store()
+
 
 @contextlib.contextmanager
 def inject(op: str, fault: str, nth: int = 1) -> Iterator[Injector]:

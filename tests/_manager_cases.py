@@ -85,3 +85,33 @@ def two_rank_cases(rank: int, world_size: int, root: str) -> tuple[list[str], li
     return background_error_next_call(rank, world_size, f"{root}/errors"), retention_agreed(
         rank, world_size, f"{root}/retention"
     )
+
+
+def s3_state(step: int) -> dict[str, Any]:
+    """The state saved at ``step`` by :func:`s3_two_ranks` (the same on every rank)."""
+    g = torch.Generator().manual_seed(step)
+    state: dict[str, Any] = {f"w{i}": torch.randn(40, 30, generator=g) for i in range(4)}
+    state["h"] = torch.randn(64, generator=g).bfloat16()
+    state["step"] = step
+    return state
+
+
+def s3_two_ranks(rank: int, world_size: int, url: str, options: dict[str, Any]) -> Any:
+    """Every rank saves steps 0..4 below the S3 root ``url`` (async, keep_last=2), then
+    restores the latest step; returns the steps listed and whether the restore matched."""
+    import zarrckpt
+
+    with zarrckpt.CheckpointManager(url, keep_last=2, async_save=True,
+                                    storage_options=options) as manager:
+        for step in range(5):
+            assert manager.save(step, s3_state(step), metrics={"rank_count": world_size})
+    target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1
+              for k, v in s3_state(0).items()}
+    restored = manager.restore(target)
+    expected = s3_state(restored)
+    same = all(
+        torch.equal(target[k].view(torch.uint8), v.view(torch.uint8))
+        if isinstance(v, torch.Tensor) else target[k] == v
+        for k, v in expected.items()
+    )
+    return manager.all_steps(), manager.incomplete_steps(), restored, same

@@ -49,7 +49,8 @@ class CheckpointManager:
     Parameters
     ----------
     root
-        Directory holding the step checkpoints (created on the first save).
+        Directory holding the step checkpoints (created on the first save), or
+        an object-store URL (``s3://bucket/prefix``: the steps are prefixes below it).
     keep_last
         Keep the ``keep_last`` newest committed steps.
     keep_every
@@ -72,7 +73,8 @@ class CheckpointManager:
     step_digits
         Zero-padding of the step in directory names.
     storage_options
-        Options for remote stores (as for :func:`zarrckpt.save`).
+        Options for remote stores (as for :func:`zarrckpt.save`), used for every
+        request the manager makes (saves, restores, listings, deletions).
 
     Notes
     -----

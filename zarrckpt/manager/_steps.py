@@ -53,8 +53,19 @@ def step_name(step: int, digits: int) -> str:
 
 
 def child_location(root: str, name: str) -> str:
-    """``root/name`` for a path or a URL (joined with ``/``, never ``os.path``)."""
-    return f"{root.rstrip('/')}/{name}" if root.rstrip("/") else f"/{name}"
+    """``root/name`` for a path or a URL (joined with ``/``, never ``os.path``).
+
+    An object-store root (:class:`~zarrckpt.storage._object_config.ObjectPath`)
+    gives an ``ObjectPath`` carrying the same ``storage_options`` (a plain
+    ``str`` join would drop them and the child would be opened with the
+    environment's endpoint and credentials instead)."""
+    joined = f"{root.rstrip('/')}/{name}" if root.rstrip("/") else f"/{name}"
+    options = getattr(root, "storage_options", None)
+    if options is not None:
+        from ..storage._object_config import ObjectPath
+
+        return ObjectPath(joined, options)
+    return joined
 
 
 def _parse(name: str) -> int | None:

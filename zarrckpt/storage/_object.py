@@ -260,6 +260,11 @@ class ObjectStore(Store):
             return True
         return super().looks_like_checkpoint()
 
+    def staging_owner(self, name: str) -> str | None:
+        """None: object-store saves write in place below their own prefix (a killed
+        save leaves that prefix without commit marker), never into a sibling staging."""
+        return None
+
     def leftovers(self) -> list[str]:
         """Keys below the prefix that belong to no committed checkpoint: every key
         when there is none (a save died or runs), else those outside the manifest's
