@@ -393,7 +393,14 @@ def test_crash_matrix(zygote: Any, tmp_path: Any, world_size: int) -> None:
     held: dict[str, int] = {}
     for n, sc in enumerate(mine):
         try:
-            out = _run(zygote, str(tmp_path), n, sc)
+            try:
+                out = _run(zygote, str(tmp_path), n, sc)
+            except AssertionError as e:
+                # a gloo group that failed to form (connectFullMesh under heavy load)
+                # is the harness's problem, not the save's: run the scenario again once
+                if "init_process_group" not in str(e):
+                    raise
+                out = _run(zygote, str(tmp_path), n + 10_000, sc)
         except AssertionError as e:
             raise AssertionError(f"scenario {sc}: {e}") from None
         slowest = max(slowest, out["survivor_seconds"])
