@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -183,12 +185,20 @@ def async_save(
     inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
     threads: int | None = None,
     file_layout: str = "auto",
+    staging_budget_bytes: int | None = None,
 ) -> Future[None]:
     """Save in the background; return once the state is copied to host memory.
 
     The caller may modify its tensors as soon as this returns: the checkpoint
     holds the values at call time. Host staging buffers are reused across calls
-    (pinned when the tensors live on an accelerator). Async saves of a process
+    (pinned when the tensors live on an accelerator). With
+    ``staging_budget_bytes``, a rank whose state is larger than the budget does
+    not copy it before returning: the background save copies its pieces in
+    turns, at most the budget (plus one piece) at a time, writing and freeing
+    each batch before copying the next, so host memory never doubles. The
+    caller must then not modify its tensors until ``future.staged`` resolves
+    (as with DCP's ``AsyncSaveResponse.staging_completion``); ``future.staged``
+    is already resolved when the state was copied before returning. Async saves of a process
     run one at a time in call order; a save to a path therefore never overlaps
     another save to the same path. Collective when distributed (every rank
     calls it); the background part uses its own gloo group.
@@ -204,16 +214,28 @@ def async_save(
     state_dict, path, process_group, overwrite, storage_options, allow_pickle,
     fsync, chunk_bytes, inner_chunk_bytes, threads, file_layout
         As for :func:`save`.
+    staging_budget_bytes
+        Most bytes of this rank's tensors copied to host memory at once (see
+        above); None (default): the whole state is copied before returning.
 
     Returns
     -------
     concurrent.futures.Future
         Resolves to None when the checkpoint is committed; ``result()``
-        raises the save's error otherwise. It cannot be cancelled.
+        raises the save's error otherwise. It cannot be cancelled. Its
+        ``staged`` attribute is a future that resolves once the caller's tensors
+        are no longer read.
     """
     options = save_options(
         overwrite, allow_pickle, fsync, chunk_bytes, inner_chunk_bytes, threads, file_layout
     )
+    if staging_budget_bytes is not None:
+        if type(staging_budget_bytes) is not int or staging_budget_bytes <= 0:
+            raise InvalidArgumentError(
+                f"staging_budget_bytes={staging_budget_bytes!r} for checkpoint {path!r}: "
+                "expected a positive number of bytes or None"
+            )
+        options = dataclasses.replace(options, staging_budget=staging_budget_bytes)
     return async_save_with_extra(
         state_dict, path, options, process_group, storage_options, extra={}
     )
@@ -233,23 +255,38 @@ def async_save_with_extra(
     comm = Comm.from_group(process_group)
     op = Operation("async_save", path, comm)
     background = op.watch(_async.background_comm(comm))
-    lease = comm.agree(
-        lambda: _STAGER.stage(lambda copy: prepare_local(state_dict, path, options, stage=copy)),
-        f"staging the async save of {path!r}",
-    )
+    budget = options.staging_budget
 
-    def run() -> None:
+    def prepare() -> tuple[Any, Any]:
+        """(a lease of the staged state, None), or (None, the deferred state) when
+        this rank's state exceeds the staging budget (copied in turns later)."""
+        if budget is not None:
+            deferred = prepare_local(state_dict, path, options, defer=True)
+            if deferred.tensor_nbytes > budget:
+                return None, deferred
+        staged = _STAGER.stage(lambda copy: prepare_local(state_dict, path, options, stage=copy))
+        return staged, None
+
+    lease, deferred = comm.agree(prepare, f"staging the async save of {path!r}")
+
+    def run(mark_staged: Callable[[], None]) -> None:
         try:
-            op.saved(save_collective(lease.state, path, options, background, extra=extra))
+            local = deferred if lease is None else lease.state
+            op.saved(
+                save_collective(
+                    local, path, options, background, extra=extra, on_staged=mark_staged
+                )
+            )
         except BaseException as e:
             op.failed(e)
             _async.raise_if_group_destroyed(background, path, e)
             raise
         finally:
-            lease.release()
+            if lease is not None:
+                lease.release()
 
     op.returned()
-    return _async.submit(run, path, distributed=comm.distributed)
+    return _async.submit(run, path, distributed=comm.distributed, staged=lease is not None)
 
 
 # --------------------------------------------------------------------------- load

@@ -70,11 +70,18 @@ class _Record:
 
 class AsyncSaveFuture(Future[None]):
     """Future of one :func:`zarrckpt.async_save`; it cannot be cancelled (the
-    save is collective: every rank runs it)."""
+    save is collective: every rank runs it).
+
+    ``staged`` is a second future that resolves once the state has been copied
+    out of the caller's tensors: at once for a save staged before
+    :func:`~zarrckpt.async_save` returned, later for one staged in turns within a
+    staging budget (the caller must not modify its tensors before it resolves).
+    """
 
     def __init__(self, record: _Record) -> None:
         super().__init__()
         self._record = record
+        self.staged: Future[None] = Future()
 
     def result(self, timeout: float | None = None) -> None:
         try:
@@ -113,20 +120,37 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def submit(job: Callable[[], None], path: str, *, distributed: bool) -> AsyncSaveFuture:
-    """Run ``job`` on the async worker; its future resolves when ``job`` returns."""
+def submit(
+    job: Callable[[Callable[[], None]], None],
+    path: str,
+    *,
+    distributed: bool,
+    staged: bool = True,
+) -> AsyncSaveFuture:
+    """Run ``job(mark_staged)`` on the async worker; its future resolves when ``job``
+    returns. ``future.staged`` resolves at once when ``staged`` (the state was
+    staged before this call), else when the job calls ``mark_staged()`` (or ends)."""
     record = _Record(path)
     future = AsyncSaveFuture(record)
+    if staged:
+        future.staged.set_result(None)
+
+    def mark_staged() -> None:
+        if not future.staged.done():
+            future.staged.set_result(None)
 
     def run() -> None:
         future.set_running_or_notify_cancel()
         _IN_WORKER.active = True
         try:
-            job()
+            job(mark_staged)
         except BaseException as e:
             record.error = "".join(traceback.format_exception(e))
+            if not future.staged.done():
+                future.staged.set_exception(e)
             future.set_exception(e)
         else:
+            mark_staged()
             future.set_result(None)
             with _LOCK:
                 _RECORDS.remove(record)

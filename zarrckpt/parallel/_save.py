@@ -43,6 +43,7 @@ from ..storage._local import open_store
 from ._collective import Comm
 from ._planning import ArrayPieces, plan_arrays
 from ._sharding import LocalView, describe_leaf, is_tensor_leaf
+from ._turns import PendingPiece, write_in_turns
 from ._writer import ChunkWrite, IndexWrite, WriteResult, crc_table, write_arrays
 
 __all__ = ["SaveOptions", "SaveReport", "LocalState", "prepare_local", "save_collective"]
@@ -58,6 +59,8 @@ class SaveOptions:
     threads: int = 2
     #: "auto" (the store's choice), "shard" or "pieces" (see zarrckpt.save)
     file_layout: str = "auto"
+    #: async_save: most bytes of the caller's tensors copied at once (None: no limit)
+    staging_budget: int | None = None
 
     def shared_files(self, store: Store, path: str) -> bool:
         """Whether tensors are stored as shard files written by every rank."""
@@ -103,6 +106,18 @@ class LocalState:
     pickled: dict[str, bytes] = field(default_factory=dict)
     #: fqn -> content of the large bytes values (stored as arrays)
     blobs: dict[str, bytes] = field(default_factory=dict)
+    #: fqn -> the caller's block tensors, not yet copied (``prepare_local(defer=True)``:
+    #: the writer copies each piece just before writing it, within a staging budget)
+    deferred: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def tensor_nbytes(self) -> int:
+        """Bytes of this rank's tensor data."""
+        return sum(
+            b.data().numel() * b.data().element_size()
+            for view in self.views.values()
+            for b in view.blocks
+        )
 
     def summary(self) -> dict[str, Any]:
         """What the other ranks need to know (no tensor data): the tree, each
@@ -133,12 +148,14 @@ def prepare_local(
     options: SaveOptions,
     *,
     stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    defer: bool = False,
 ) -> LocalState:
     """Flatten, validate and stage this rank's state on the host.
 
     With ``stage`` every tensor piece is copied by it (into a host buffer), so
     the caller may modify its tensors as soon as this returns (``async_save``);
-    without it CPU tensors are used in place.
+    without it CPU tensors are used in place; with ``defer`` nothing is copied
+    yet (the writer copies piece by piece: :mod:`~zarrckpt.parallel._turns`).
     """
     flat = flatten_state_dict(
         state_dict,
@@ -148,6 +165,7 @@ def prepare_local(
     )
     views: dict[str, LocalView] = {}
     sources: dict[str, list[np.ndarray]] = {}
+    deferred: dict[str, list[torch.Tensor]] = {}
     for fqn, leaf in flat.tensors.items():
         view = describe_leaf(leaf, key=fqn, path=path)
         info_for_torch(view.dtype, key=fqn, path=path)
@@ -163,6 +181,9 @@ def prepare_local(
                 raise UnsupportedValueError(
                     f"tensor {fqn!r} for checkpoint {path!r} is on the meta device and has no data"
                 )
+            if defer:
+                deferred.setdefault(fqn, []).append(t)
+                continue
             host = stage(t) if stage is not None else host_tensor(t)
             data.append(tensor_as_numpy(host))
         views[fqn] = view
@@ -170,7 +191,7 @@ def prepare_local(
     pickled = {}
     for fqn, obj in flat.pickled.items():
         pickled[fqn] = pickle_value(fqn, obj, checkpoint=path)
-    return LocalState(flat.tree, views, sources, pickled, dict(flat.blobs))
+    return LocalState(flat.tree, views, sources, pickled, dict(flat.blobs), deferred)
 
 
 def sharding_summary(local: LocalState) -> dict[str, Any]:
@@ -319,9 +340,16 @@ def _build_plan(
 
 
 def save_collective(
-    local: LocalState, path: str, options: SaveOptions, comm: Comm, *, extra: dict[str, Any]
+    local: LocalState,
+    path: str,
+    options: SaveOptions,
+    comm: Comm,
+    *,
+    extra: dict[str, Any],
+    on_staged: Callable[[], None] | None = None,
 ) -> SaveReport:
-    """Phases 1-4 of a save, given this rank's staged state."""
+    """Phases 1-4 of a save, given this rank's staged (or deferred) state;
+    ``on_staged`` as for :func:`_write_share`."""
     summaries = comm.all_gather(local.summary())
     store = open_store(path)
     plan = comm.agree(
@@ -348,7 +376,7 @@ def save_collective(
         def write() -> WriteResult:
             # the other ranks attach to the staging rank 0 created (and wait to see it)
             staging = created[0] if created else store.attach(token, rank=comm.rank)
-            return _write_share(staging, plan, local, comm, options)
+            return _write_share(staging, plan, local, comm, options, on_staged)
 
         written = comm.agree(
             write,
@@ -380,13 +408,21 @@ def save_collective(
 
 
 def _write_share(
-    staging: Staging, plan: SavePlan, local: LocalState, comm: Comm, options: SaveOptions
+    staging: Staging,
+    plan: SavePlan,
+    local: LocalState,
+    comm: Comm,
+    options: SaveOptions,
+    on_staged: Callable[[], None] | None = None,
 ) -> WriteResult:
     """Write this rank's metadata files, pieces and shard indexes, then make them
-    durable; return the chunk bytes written and the crc32c of the inner chunks."""
+    durable; return the chunk bytes written and the crc32c of the inner chunks.
+    ``on_staged`` is called once nothing of the caller's tensors is needed any more
+    (at once, unless the state is deferred: then after the last piece's copy)."""
     entries = plan.entries
     mine = [e for i, e in enumerate(entries) if i % comm.world_size == comm.rank]
     chunks: list[ChunkWrite | IndexWrite] = []
+    pending: list[PendingPiece] = []
     for entry in entries:
         stored = plan.stored[entry.fqn]
         if stored.mode == "shard" and stored.index_writer == comm.rank:
@@ -410,10 +446,25 @@ def _write_share(
                     f"{entry.fqn!r} but holds {len(view.blocks)}"
                 )
             origin = tuple(a for a, _ in view.blocks[k].region)
+            if entry.fqn in local.deferred:
+                pending.append(
+                    PendingPiece(entry, stored, index, local.deferred[entry.fqn][k], origin)
+                )
+                continue
             chunks.append(
                 ChunkWrite.of(entry, stored, index, local.sources[entry.fqn][k], origin)
             )
-    written = write_arrays(staging, mine, chunks, threads=options.threads, fsync=options.fsync)
+    if pending:
+        budget = options.staging_budget or 0
+        written = write_in_turns(
+            staging, mine, chunks, pending, budget, options, on_staged or (lambda: None)
+        )
+    else:
+        if on_staged is not None:
+            on_staged()
+        written = write_arrays(
+            staging, mine, chunks, threads=options.threads, fsync=options.fsync
+        )
     if options.fsync:
         staging.sync()
     return written
