@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import logging
 import os
 import uuid
 import weakref
@@ -16,7 +17,12 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ...errors import DistributedSaveError, UnsupportedValueError
+from ...errors import (
+    CheckpointExistsError,
+    DistributedSaveError,
+    UnsupportedValueError,
+    ZarrCkptError,
+)
 from ...format._dtypes import info_for_torch
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, ArrayLayout
 from ...format._marker import COMMIT_GROUP, ROOT_METADATA
@@ -29,21 +35,21 @@ from ...parallel._writer import (
     default_threads,
     write_arrays,
 )
+from ...storage._base import Staging
 from ...storage._files import is_dir, lexists
 from ...storage._inplace import (
+    DCP_EXISTS,
     check_collisions,
     choose_target,
     commit_in_place,
     new_inner_staging_dir,
 )
-from ...storage._local import as_staging, open_store
+from ...storage._local import as_staging, is_object_url, open_store
 from ...storage._paths import check_path, wait_visible
 from ._tree import STORAGE_TAG
 from ._values import encode_byte_value, resolve_tensor
 from ._write_plan import build_root, plan_dcp_arrays
 
-#: what needs a local path (the plug-ins write and read through DCP's file layout)
-_PLUGINS = "the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)"
 __all__ = ["ZarrStorageWriter"]
 
 PathLike = str | os.PathLike[str]
@@ -69,6 +75,15 @@ class ZarrStorageWriter(StorageWriter):
         directories are created. It may exist and hold other files, which are
         kept, as with ``FileSystemWriter``.
         ``dcp.save(..., checkpoint_id=other)`` replaces it (:meth:`reset`).
+        Or an object-store URL (``s3://bucket/prefix``): the save follows the
+        object-store commit protocol of ``zarrckpt.save`` (one object per chunk
+        piece, commit marker last; a prefix holding objects that are not a
+        zarrckpt checkpoint is refused; docs/object-storage.md).
+    storage_options
+        Client options for an object-store URL (endpoint, region, credentials,
+        retries), as for ``zarrckpt.save``; None takes them from the
+        environment. Refused for a local path; ignored by :meth:`reset` to a
+        local path.
     overwrite
         Replace an existing committed checkpoint at ``path``. Default False,
         as for ``zarrckpt.save`` (DCP's ``FileSystemWriter`` overwrites by
@@ -107,6 +122,7 @@ class ZarrStorageWriter(StorageWriter):
         self,
         path: PathLike,
         *,
+        storage_options: dict[str, Any] | None = None,
         overwrite: bool = False,
         allow_pickle: bool = False,
         fsync: bool = True,
@@ -115,7 +131,8 @@ class ZarrStorageWriter(StorageWriter):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = check_path(path, local_only=_PLUGINS)
+        self.storage_options = storage_options
+        self.path = check_path(path, storage_options=storage_options)
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.fsync = fsync
@@ -126,6 +143,7 @@ class ZarrStorageWriter(StorageWriter):
         self.is_coordinator = False
         self.rank: int | None = None
         self._staging: str | None = None
+        self._object_staging: Staging | None = None
         self._mode = "new"
         self._cleanup: weakref.finalize | None = None
         self._entries: dict[str, ArrayEntry] = {}
@@ -140,8 +158,15 @@ class ZarrStorageWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
         """True for a local path whose nearest existing ancestor is a directory
-        (missing parents are created, as by ``FileSystemWriter``)."""
+        (missing parents are created, as by ``FileSystemWriter``), and for an
+        object-store URL of a supported scheme (``s3://bucket/prefix``)."""
         path = os.fspath(checkpoint_id)
+        if is_object_url(path):
+            try:
+                check_path(path)
+            except ZarrCkptError:
+                return False
+            return True
         if "://" in path or not path:
             return False
         ancestor = os.path.dirname(os.path.abspath(path))
@@ -152,7 +177,7 @@ class ZarrStorageWriter(StorageWriter):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new save, at ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = check_path(checkpoint_id, local_only=_PLUGINS)
+            self.path = _checked(checkpoint_id, self.storage_options)
         self.save_id = uuid.uuid4().hex
 
     def storage_meta(self) -> StorageMeta | None:
@@ -184,6 +209,14 @@ class ZarrStorageWriter(StorageWriter):
             self._cleanup()  # removes the staging directory (once)
             self._cleanup = None
         self._staging = None
+        self._object_staging = None
+
+    def _attach(self, token: str, rank: int) -> Staging:
+        """The staging the coordinator created, as seen by ``rank``."""
+        if is_object_url(self.path):
+            return open_store(self.path).attach(token, rank=rank)
+        wait_visible(token, rank=rank)
+        return as_staging(token)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Check the dtypes of this rank's tensors early; the plan is unchanged."""
@@ -217,21 +250,38 @@ class ZarrStorageWriter(StorageWriter):
                 "(DefaultSavePlanner(enable_plan_caching=True))"
             )
         world = len(plans)
+        store = open_store(self.path)
         entries, writers, stored = plan_dcp_arrays(
-            plans, self.path, chunk_bytes=self.chunk_bytes, inner_bytes=self.inner_chunk_bytes
+            plans,
+            self.path,
+            chunk_bytes=self.chunk_bytes,
+            inner_bytes=self.inner_chunk_bytes,
+            shared_files=store.shared_files,
         )
-        self._mode = choose_target(self.path, overwrite=self.overwrite)
         self._discard_staging()
-        if self._mode == "in place":
-            names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_GROUP}
-            check_collisions(self.path, names)
-            self._staging = new_inner_staging_dir(self.path)
+        staging: Staging
+        if is_object_url(self.path):
+            self._mode = "object"
+            try:
+                store.check_writable(overwrite=self.overwrite)
+            except CheckpointExistsError as e:
+                raise CheckpointExistsError(f"{DCP_EXISTS} zarrckpt: {e}") from None
+            staging = self._object_staging = store.stage()
+            self._staging = staging.token
         else:
-            self._staging = open_store(self.path).stage().token
+            self._mode = choose_target(self.path, overwrite=self.overwrite)
+            if self._mode == "in place":
+                names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_GROUP}
+                check_collisions(self.path, names)
+                self._staging = new_inner_staging_dir(self.path)
+            else:
+                self._staging = store.stage().token
+            staging = as_staging(self._staging)
         # DCP has no abort hook: a save that fails after this point (on any rank)
-        # never reaches finish(); the directory then goes with the writer (or the
+        # never reaches finish(); the staging (a directory, or the objects written
+        # below an object-store prefix) then goes with the writer (or the
         # interpreter), or at the writer's next save, whichever comes first
-        self._cleanup = weakref.finalize(self, as_staging(self._staging).abort)
+        self._cleanup = weakref.finalize(self, _abort, staging)
         self._entries = {e.fqn: e for e in entries}
         self._stored = stored
         try:
@@ -291,8 +341,8 @@ class ZarrStorageWriter(StorageWriter):
                 f"ZarrStorageWriter({self.path!r}).write_data got a plan that "
                 "ZarrStorageWriter.prepare_global_plan did not prepare"
             )
-        staging = share["staging"]
-        wait_visible(staging, rank=share["rank"])
+        staging = self._attach(share["staging"], share["rank"])
+        shared_files = open_store(self.path).shared_files
         entries = {
             fqn: parse_entry(fqn, raw, checkpoint=self.path) for fqn, raw in share["arrays"].items()
         }
@@ -354,6 +404,7 @@ class ZarrStorageWriter(StorageWriter):
                 path=self.path,
                 chunk_bytes=self.chunk_bytes,
                 inner_bytes=self.inner_chunk_bytes,
+                shared_files=shared_files,
             )
             metadata.extend(extra)
             chunk_writes.extend(extra_writes)
@@ -397,7 +448,7 @@ class ZarrStorageWriter(StorageWriter):
                 )
             )
         if self.fsync:
-            as_staging(staging).sync()
+            staging.sync()
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -423,6 +474,9 @@ class ZarrStorageWriter(StorageWriter):
             )
         try:
             self._commit(staging, metadata, results)
+            if self._cleanup is not None:  # committed: nothing left to remove
+                self._cleanup.detach()
+                self._cleanup = None
         finally:
             # after a successful publish the staging path no longer exists
             self._discard_staging()
@@ -431,7 +485,16 @@ class ZarrStorageWriter(StorageWriter):
         root, checkpoint_id = build_root(
             self.path, self._entries, self._stored, metadata, results
         )
-        if self._mode == "in place":
+        if self._mode == "object":
+            if self._object_staging is None:
+                raise DistributedSaveError(
+                    f"ZarrStorageWriter({self.path!r}).finish: the object-store staging "
+                    "of this save is gone"
+                )
+            self._object_staging.commit(
+                root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync
+            )
+        elif self._mode == "in place":
             commit_in_place(staging, self.path, root, checkpoint_id, fsync=self.fsync)
         else:
             overwrite = self.overwrite or self._mode == "replace"
@@ -455,6 +518,23 @@ def target_json(stored: StoredArray, index: tuple[int, ...]) -> list[Any]:
 def parse_target(raw: list[Any]) -> PieceTarget:
     key, chunk, offset, positions = raw
     return PieceTarget(key, tuple(chunk), offset, tuple(positions))
+
+
+def _abort(staging: Staging) -> None:
+    """Remove an abandoned staging; a failure (e.g. the object store is gone at
+    interpreter exit) is logged, not raised (it runs from a finalizer)."""
+    try:
+        staging.abort()
+    except (ZarrCkptError, OSError) as e:
+        logging.getLogger("zarrckpt").warning(
+            "could not remove the staging of an abandoned DCP save: %s", e
+        )
+
+
+def _checked(path: PathLike, storage_options: dict[str, Any] | None) -> str:
+    """``path`` checked, with ``storage_options`` when it is an object-store URL."""
+    p = os.fspath(path)
+    return check_path(p, storage_options=storage_options if is_object_url(p) else None)
 
 
 def _world_size() -> int:
