@@ -146,7 +146,10 @@ def s3_endpoint() -> Iterator[CountingProxy]:
 def gpt_state(layers: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
     """A GPT-like model state (float32): embeddings, per-layer attention and MLP."""
     g = torch.Generator().manual_seed(0)
-    sd = {"wte": torch.randn(vocab, hidden, generator=g), "wpe": torch.randn(1024, hidden, generator=g)}
+    sd = {
+        "wte": torch.randn(vocab, hidden, generator=g),
+        "wpe": torch.randn(1024, hidden, generator=g),
+    }
     for i in range(layers):
         p = f"h.{i}."
         sd[p + "ln_1.weight"] = torch.randn(hidden, generator=g)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import logging
 import os
 import uuid
 import weakref
@@ -18,16 +17,14 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from ...errors import (
-    CheckpointExistsError,
     DistributedSaveError,
     UnsupportedValueError,
     ZarrCkptError,
 )
 from ...format._dtypes import info_for_torch
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, ArrayLayout
-from ...format._marker import COMMIT_GROUP, ROOT_METADATA
 from ...format._metadata import ArrayEntry, parse_entry
-from ...format._shard import PieceTarget, StoredArray
+from ...format._shard import StoredArray
 from ...parallel._writer import (
     ChunkWrite,
     IndexWrite,
@@ -38,17 +35,22 @@ from ...parallel._writer import (
 from ...storage._base import Staging
 from ...storage._files import is_dir, lexists
 from ...storage._inplace import (
-    DCP_EXISTS,
-    check_collisions,
-    choose_target,
     commit_in_place,
-    new_inner_staging_dir,
 )
-from ...storage._local import as_staging, is_object_url, open_store
-from ...storage._paths import check_path, wait_visible
+from ...storage._local import is_object_url, open_store
+from ...storage._paths import check_path
 from ._tree import STORAGE_TAG
 from ._values import encode_byte_value, resolve_tensor
 from ._write_plan import build_root, plan_dcp_arrays
+from ._writer_staging import (
+    abort_quietly,
+    attach_staging,
+    checked_path,
+    open_staging,
+    parse_target,
+    pieces_json,
+    target_json,
+)
 
 __all__ = ["ZarrStorageWriter"]
 
@@ -177,7 +179,7 @@ class ZarrStorageWriter(StorageWriter):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new save, at ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = _checked(checkpoint_id, self.storage_options)
+            self.path = checked_path(checkpoint_id, self.storage_options)
         self.save_id = uuid.uuid4().hex
 
     def storage_meta(self) -> StorageMeta | None:
@@ -210,13 +212,6 @@ class ZarrStorageWriter(StorageWriter):
             self._cleanup = None
         self._staging = None
         self._object_staging = None
-
-    def _attach(self, token: str, rank: int) -> Staging:
-        """The staging the coordinator created, as seen by ``rank``."""
-        if is_object_url(self.path):
-            return open_store(self.path).attach(token, rank=rank)
-        wait_visible(token, rank=rank)
-        return as_staging(token)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Check the dtypes of this rank's tensors early; the plan is unchanged."""
@@ -259,29 +254,16 @@ class ZarrStorageWriter(StorageWriter):
             shared_files=store.shared_files,
         )
         self._discard_staging()
-        staging: Staging
-        if is_object_url(self.path):
-            self._mode = "object"
-            try:
-                store.check_writable(overwrite=self.overwrite)
-            except CheckpointExistsError as e:
-                raise CheckpointExistsError(f"{DCP_EXISTS} zarrckpt: {e}") from None
-            staging = self._object_staging = store.stage()
-            self._staging = staging.token
-        else:
-            self._mode = choose_target(self.path, overwrite=self.overwrite)
-            if self._mode == "in place":
-                names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_GROUP}
-                check_collisions(self.path, names)
-                self._staging = new_inner_staging_dir(self.path)
-            else:
-                self._staging = store.stage().token
-            staging = as_staging(self._staging)
+        self._mode, self._staging, staging = open_staging(
+            self.path, store, entries, overwrite=self.overwrite
+        )
+        if self._mode == "object":
+            self._object_staging = staging
         # DCP has no abort hook: a save that fails after this point (on any rank)
         # never reaches finish(); the staging (a directory, or the objects written
         # below an object-store prefix) then goes with the writer (or the
         # interpreter), or at the writer's next save, whichever comes first
-        self._cleanup = weakref.finalize(self, _abort, staging)
+        self._cleanup = weakref.finalize(self, abort_quietly, staging)
         self._entries = {e.fqn: e for e in entries}
         self._stored = stored
         try:
@@ -341,7 +323,7 @@ class ZarrStorageWriter(StorageWriter):
                 f"ZarrStorageWriter({self.path!r}).write_data got a plan that "
                 "ZarrStorageWriter.prepare_global_plan did not prepare"
             )
-        staging = self._attach(share["staging"], share["rank"])
+        staging = attach_staging(self.path, share["staging"], share["rank"])
         shared_files = open_store(self.path).shared_files
         entries = {
             fqn: parse_entry(fqn, raw, checkpoint=self.path) for fqn, raw in share["arrays"].items()
@@ -501,40 +483,6 @@ class ZarrStorageWriter(StorageWriter):
             open_store(self.path).attach(staging).commit(
                 root, checkpoint_id, overwrite=overwrite, fsync=self.fsync
             )
-
-
-def pieces_json(stored: StoredArray) -> list[Any]:
-    """The piece grid's chunk and inner shapes, JSON-able."""
-    inner = stored.pieces.inner_shape
-    return [list(stored.pieces.chunk_shape), None if inner is None else list(inner)]
-
-
-def target_json(stored: StoredArray, index: tuple[int, ...]) -> list[Any]:
-    """Where piece ``index`` goes, as JSON-able values (see :func:`parse_target`)."""
-    t = stored.target(index)
-    return [t.key, list(t.chunk), t.offset, list(t.positions)]
-
-
-def parse_target(raw: list[Any]) -> PieceTarget:
-    key, chunk, offset, positions = raw
-    return PieceTarget(key, tuple(chunk), offset, tuple(positions))
-
-
-def _abort(staging: Staging) -> None:
-    """Remove an abandoned staging; a failure (e.g. the object store is gone at
-    interpreter exit) is logged, not raised (it runs from a finalizer)."""
-    try:
-        staging.abort()
-    except (ZarrCkptError, OSError) as e:
-        logging.getLogger("zarrckpt").warning(
-            "could not remove the staging of an abandoned DCP save: %s", e
-        )
-
-
-def _checked(path: PathLike, storage_options: dict[str, Any] | None) -> str:
-    """``path`` checked, with ``storage_options`` when it is an object-store URL."""
-    p = os.fspath(path)
-    return check_path(p, storage_options=storage_options if is_object_url(p) else None)
 
 
 def _world_size() -> int:
