@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SIZES", "SYSTEMS", "CountingProxy", "run", "markdown", "main"]
+__all__ = ["SIZES", "SYSTEMS", "CountingProxy", "run", "markdown", "write", "main"]
 
 _KEY, _SECRET, _REGION = "zarrckpt-bench", "zarrckpt-bench-secret", "us-east-1"
 
@@ -324,6 +324,17 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(results: dict[str, Any], out_dir: str) -> list[str]:
+    """Write ``object_store.json`` and ``object_store.md`` into ``out_dir``; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "object_store.json"), os.path.join(out_dir, "object_store.md")]
+    with open(paths[0], "w") as f:
+        json.dump(results, f, indent=1)
+    with open(paths[1], "w") as f:
+        f.write(markdown(results))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.object_store", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller GPT state (~30 MB)")
@@ -332,14 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     results = run(mode)
-    text = markdown(results)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "object_store.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "object_store.md"), "w") as f:
-            f.write(text)
-    sys.stdout.write(text)
+        write(results, args.out)
+    sys.stdout.write(markdown(results))
     return 0
 
 
