@@ -28,6 +28,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import statistics
 import sys
 import threading
@@ -69,12 +70,18 @@ class CountingProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()  # no Nagle stalls: replies are written in pieces
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with proxy.lock:
                     proxy.counts[self.command] += 1
                 conn = http.client.HTTPConnection(proxy.target, timeout=120)
+                conn.connect()
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.request(self.command, self.path, body=body, headers=dict(self.headers))
                 resp = conn.getresponse()
                 data = resp.read()
