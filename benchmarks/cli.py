@@ -8,6 +8,8 @@ Usage::
     python -m benchmarks --quick --tiny  # seconds; used by the test suite
     python -m benchmarks --only d2,d4,e  # the distributed workloads only
     python -m benchmarks --only g        # (g) files at scale: files_at_scale.json / .md
+    python -m benchmarks --only s3       # (s3) loopback S3 server: object_store.json / .md
+                                         # (only when asked: python -m benchmarks.object_store)
 
 Workloads are measured in subprocesses (one per workload in the full run, one
 for all of them with ``--quick``; ``--isolate system`` gives each (workload,
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import files_at_scale, report
+from . import files_at_scale, object_store, report
 from ._worker import OPS, TRASH
 from .async_save import ASYNC_OPS
 from .distributed import RESHARD_OPS
@@ -225,10 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     only = [w for item in args.only for w in item.split(",") if w]
     # (g) files at scale is not a timing workload: run after the others, own outputs
     g_names = (files_at_scale.ALIAS, files_at_scale.NAME)
-    timed = [w for w in only if w not in g_names]
+    s3_names = ("s3", "object_store")  # not part of the default set: runs only when asked
+    timed = [w for w in only if w not in g_names + s3_names]
     if timed or not only:
         _run_timed(args, mode, timed)
-    if not only or len(timed) < len(only):
+    if any(w in s3_names for w in only):
+        results_s3 = object_store.run(mode)
+        out_dir = os.path.abspath(args.out)
+        for path in object_store.write(results_s3, out_dir):
+            _log(f"wrote {path}")
+        print(object_store.markdown(results_s3))
+    if not only or any(w in g_names for w in only):
         out_dir = os.path.abspath(args.out)
         results = files_at_scale.run(mode, os.path.abspath(args.data_dir or out_dir))
         for path in files_at_scale.write(results, out_dir):

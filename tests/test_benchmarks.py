@@ -294,3 +294,29 @@ def test_projection_manifest_carries_the_crc_tables() -> None:
     # base64 of 4 bytes per extra position, plus the longer sharding / shape text
     assert large - small >= 4 * (positions[16] - positions[2]) * 4 // 3
     assert old < small  # no crc tables, no consolidated metadata
+
+
+def test_object_store_benchmark_runs_tiny(tmp_path: Path) -> None:
+    """Workload (s3): every system saves and loads on the loopback S3 server, loads
+    are bit-exact, and the counting proxy saw the requests of each checkpoint."""
+    from benchmarks import object_store
+
+    results = object_store.run("tiny")
+    rows = results["rows"]
+    assert {(r["workload"], r["system"], r["op"]) for r in rows} == {
+        (w, s, op)
+        for w in ("gpt", "small")
+        for s in object_store.SYSTEMS
+        for op in ("save", "load")
+    }
+    for r in rows:
+        assert r["bit_exact"], r
+        assert r["requests"] == sum(r["requests_by_method"].values()) > 0, r
+        assert r["median_s"] > 0
+    small_saves = [r for r in rows if r["workload"] == "small" and r["op"] == "save"]
+    zc = next(r for r in small_saves if r["system"] == "zarrckpt")
+    assert zc["requests_by_method"]["PUT"] >= zc["tensors"]  # one object per tensor at least
+    json_path, md_path = object_store.write(results, str(tmp_path))
+    assert json.loads(Path(json_path).read_text()) == results
+    assert Path(md_path).read_text() == object_store.markdown(results)
+    assert "| small (" in Path(md_path).read_text()

@@ -287,7 +287,8 @@ def test_checkpoint_id_overrides_path(ckpt_dir):
     assert ZarrStorageReader.validate_checkpoint_id(ckpt_dir / "a")
     assert not ZarrStorageReader.validate_checkpoint_id(ckpt_dir / "missing")
     assert ZarrStorageWriter.validate_checkpoint_id(ckpt_dir / "new")
-    assert not ZarrStorageWriter.validate_checkpoint_id("s3://bucket/ck")
+    assert ZarrStorageWriter.validate_checkpoint_id("s3://bucket/ck")  # object stores work
+    assert not ZarrStorageWriter.validate_checkpoint_id("hdfs://host/ck")
 
 
 def test_overwrite_is_refused_by_default_and_atomic_when_allowed(ckpt_dir):

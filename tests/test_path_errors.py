@@ -261,8 +261,6 @@ def _s3_local_only_calls(ckpt: str, pt: str) -> dict[str, Callable[[], Any]]:
         "to_safetensors": lambda: convert.to_safetensors(ckpt, "s3://b/m.safetensors"),
         "from_dcp": lambda: convert.from_dcp("s3://b/dcp", ckpt + "y"),
         "to_dcp": lambda: convert.to_dcp(ckpt, "s3://c/dcp"),
-        "ZarrStorageWriter": lambda: ZarrStorageWriter(S3),
-        "ZarrStorageReader": lambda: ZarrStorageReader(S3),
     }
 
 

@@ -45,6 +45,10 @@ def register_command() -> None:
         Arg("--chunk-bytes", type=int, default=None, metavar="N",
             help=f"target chunk size when writing zarrckpt (default {DEFAULT_CHUNK_BYTES})"),
         Arg("--threads", type=int, default=None, metavar="N", help="I/O threads"),
+        Arg("--storage-options", default=None, metavar="JSON",
+            help="client options (a JSON object) for the side that is an s3:// URL, e.g. "
+            '\'{"endpoint": "http://127.0.0.1:9000", "region": "us-east-1"}\' '
+            "(default: from the AWS_* environment variables)"),
     )
     def _convert_command(args: argparse.Namespace, out: Any) -> int:
         from ..interop.convert import convert, detect_format
@@ -70,6 +74,16 @@ def register_command() -> None:
             if "safetensors" in (sf, df) and "zarrckpt" in (sf, df):
                 raise UsageError("--allow-pickle does not apply to safetensors <-> zarrckpt")
             options["allow_pickle"] = True
+        if args.storage_options is not None:
+            import json
+
+            try:
+                storage_options = json.loads(args.storage_options)
+            except ValueError as e:
+                raise UsageError(f"--storage-options is not valid JSON: {e}") from None
+            if not isinstance(storage_options, dict):
+                raise UsageError("--storage-options must be a JSON object ({...})")
+            options["storage_options"] = storage_options
         if args.chunk_bytes is not None:
             if sf == "zarrckpt":
                 raise UsageError("--chunk-bytes applies when writing zarrckpt (or via it)")

@@ -74,7 +74,7 @@ def check_path(
     """
     from ._object_config import OBJECT_SCHEMES, ObjectPath, parse_url
 
-    if isinstance(path, ObjectPath) and storage_options is None:
+    if isinstance(path, ObjectPath) and storage_options is None and not local_only:
         return path
     p = os.fspath(path)
     if isinstance(p, bytes):

@@ -7,7 +7,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import CheckpointNotFoundError
+from ...errors import CheckpointNotFoundError, InvalidPathError
 from ...storage._files import file_size, is_dir, is_file, is_zip_file, read_head
 from ...storage._local import is_object_url, open_store
 from ...storage._paths import check_path, make_parents
@@ -91,6 +91,11 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
     )
 
 
+def _checked(path: PathLike, role: str, storage_options: dict[str, Any] | None) -> str:
+    p = os.fspath(path)
+    return check_path(p, role=role, storage_options=storage_options if is_object_url(p) else None)
+
+
 def _accepts(func: Callable[..., Any]) -> set[str]:
     import inspect
 
@@ -128,7 +133,9 @@ def convert(
         Keyword options of the converters used (e.g. ``overwrite``,
         ``allow_pickle``, ``fsync``, ``chunk_bytes``, ``threads``, ``verify``,
         ``metadata``), each passed to those that accept it; an option that
-        none of them accepts raises.
+        none of them accepts raises. ``storage_options`` configure the
+        client for whichever side is an object-store URL (a zarrckpt
+        checkpoint: torch.save, safetensors and DCP files must be local).
 
     Returns
     -------
@@ -141,7 +148,14 @@ def convert(
         Unknown format names, an option that does not apply, or ``src`` and
         ``dst`` of the same format.
     """
-    s, d = check_path(src, role="source"), check_path(dst, role="destination")
+    storage_options = options.pop("storage_options", None)
+    s = _checked(src, "source", storage_options)
+    d = _checked(dst, "destination", storage_options)
+    if storage_options is not None and not (is_object_url(s) or is_object_url(d)):
+        raise InvalidPathError(
+            f"storage_options were given, but neither {s!r} nor {d!r} is an object-store URL: "
+            "they apply only to object-store URLs (s3://...); leave storage_options=None"
+        )
     sf = src_format or detect_format(s)
     df = dst_format or detect_format(d, role="destination", src_format=sf)
     for name in (sf, df):
@@ -161,6 +175,10 @@ def convert(
         "dcp": to_dcp,
         "safetensors": to_safetensors,
     }
+    for path, fmt, role in ((s, sf, "source"), (d, df, "destination")):
+        if fmt != "zarrckpt" and is_object_url(path):  # refused before anything is written
+            what = f"{'reading' if role == 'source' else 'writing'} {fmt} files"
+            check_path(path, role=role, local_only=what)
     steps: list[Callable[..., ConvertResult]] = []
     if sf != "zarrckpt":
         steps.append(from_funcs[sf])

@@ -201,11 +201,12 @@ def ingest(
 
 
 def open_checkpoint(
-    src: PathLike, dst: PathLike
+    src: PathLike, dst: PathLike, storage_options: dict[str, Any] | None = None
 ) -> tuple[str, str, CheckpointFiles, dict[str, Any]]:
     """The checked source and destination paths, the committed source checkpoint
-    and its conversion record (empty when it was not written by a converter)."""
-    src_path = check_path(src, role="source")
+    (an object-store URL with ``storage_options``) and its conversion record
+    (empty when it was not written by a converter)."""
+    src_path = check_path(src, role="source", storage_options=storage_options)
     dst_path = check_path(
         dst, role="destination", local_only="writing torch.save, safetensors or DCP files"
     )

@@ -46,6 +46,7 @@ def from_dcp(
     inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a ``torch.distributed.checkpoint`` directory into a zarrckpt checkpoint.
 
@@ -74,12 +75,17 @@ def from_dcp(
     dst, overwrite, fsync, chunk_bytes, inner_chunk_bytes, threads, progress
         As for :func:`from_torch_save`.
 
+    storage_options
+        Client options for the zarrckpt checkpoint when it is an object-store
+        URL (``s3://...``; docs/object-storage.md); None takes them from the
+        environment. The DCP directory itself must be local.
+
     Returns
     -------
     ConvertResult
     """
     src = check_path(src_dir, role="source", local_only="reading DCP checkpoints")
-    dst = check_path(dst, role="destination")
+    dst = check_path(dst, role="destination", storage_options=storage_options)
     source = DcpSource(src, allow_pickle=allow_pickle)
     nodes: dict[str, dict[str, Any]] = {}
     value_tensors: dict[str, torch.Tensor] = {}
@@ -157,6 +163,7 @@ def to_dcp(
     fsync: bool = True,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a zarrckpt checkpoint into a ``torch.distributed.checkpoint`` directory.
 
@@ -185,11 +192,16 @@ def to_dcp(
     overwrite, fsync, threads, progress
         As for :func:`from_torch_save`.
 
+    storage_options
+        Client options for the zarrckpt checkpoint when it is an object-store
+        URL (``s3://...``; docs/object-storage.md); None takes them from the
+        environment. The DCP directory itself must be local.
+
     Returns
     -------
     ConvertResult
     """
-    src_path, dst, files, record = open_checkpoint(src, dst_dir)
+    src_path, dst, files, record = open_checkpoint(src, dst_dir, storage_options)
     root = files.tree
     while isinstance(root, dict) and "stateful" in root:
         root = root["stateful"]

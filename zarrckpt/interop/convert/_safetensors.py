@@ -65,6 +65,7 @@ def from_safetensors(
     inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a safetensors file into a zarrckpt checkpoint, streaming.
 
@@ -82,6 +83,11 @@ def from_safetensors(
     dst, overwrite, fsync, chunk_bytes, inner_chunk_bytes, threads, progress
         As for :func:`from_torch_save`.
 
+    storage_options
+        Client options for the zarrckpt checkpoint when it is an object-store
+        URL (``s3://...``; docs/object-storage.md); None takes them from the
+        environment. The safetensors file itself must be local.
+
     Returns
     -------
     ConvertResult
@@ -94,7 +100,7 @@ def from_safetensors(
         A tensor has a dtype zarrckpt cannot store.
     """
     src = check_path(src_file, role="source", local_only="reading safetensors files")
-    dst = check_path(dst, role="destination")
+    dst = check_path(dst, role="destination", storage_options=storage_options)
     with SafetensorsReader(src) as reader:
         tree, record, complex_names = read_layout(reader)
 
@@ -132,6 +138,7 @@ def to_safetensors(
     metadata: dict[str, str] | None = None,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a zarrckpt checkpoint into a safetensors file, streaming.
 
@@ -160,6 +167,11 @@ def to_safetensors(
     overwrite, fsync, threads, progress
         As for :func:`from_torch_save`.
 
+    storage_options
+        Client options for the zarrckpt checkpoint when it is an object-store
+        URL (``s3://...``; docs/object-storage.md); None takes them from the
+        environment. The safetensors file itself must be local.
+
     Returns
     -------
     ConvertResult
@@ -169,7 +181,7 @@ def to_safetensors(
     zarrckpt.errors.UnsupportedValueError
         The checkpoint stores pickled values, or ``metadata`` is not a dict of strings.
     """
-    src_path, dst, files, record = open_checkpoint(src, dst_file)
+    src_path, dst, files, record = open_checkpoint(src, dst_file, storage_options)
     if files.pickled:
         raise UnsupportedValueError(
             f"checkpoint {src_path!r} stores pickled values ({sorted(files.pickled)[:5]}); "

@@ -54,6 +54,7 @@ def from_torch_save(
     threads: int | None = None,
     verify: bool = True,
     progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a ``torch.save`` file into a zarrckpt checkpoint, streaming.
 
@@ -84,6 +85,11 @@ def from_torch_save(
         ``progress(bytes_done, bytes_total, tensors_done, tensors_total)``,
         called from the calling thread.
 
+    storage_options
+        Client options for the zarrckpt checkpoint when it is an object-store
+        URL (``s3://...``; docs/object-storage.md); None takes them from the
+        environment. The torch.save file itself must be local.
+
     Returns
     -------
     ConvertResult
@@ -101,7 +107,7 @@ def from_torch_save(
         ``dst`` exists and ``overwrite`` is False.
     """
     src = check_path(src_file, role="source", local_only="reading torch.save files")
-    dst = check_path(dst, role="destination")
+    dst = check_path(dst, role="destination", storage_options=storage_options)
     loaded = load_torch_file(src, allow_pickle=allow_pickle)
     refuse_modules(loaded.obj, src)
     flat = flatten_loaded(loaded.obj, allow_pickle=allow_pickle, checkpoint=dst)
@@ -147,6 +153,7 @@ def to_torch_save(
     fsync: bool = True,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a zarrckpt checkpoint into a ``torch.save`` file, streaming.
 
@@ -172,11 +179,16 @@ def to_torch_save(
     overwrite, fsync, threads, progress
         As for :func:`from_torch_save`.
 
+    storage_options
+        Client options for the zarrckpt checkpoint when it is an object-store
+        URL (``s3://...``; docs/object-storage.md); None takes them from the
+        environment. The torch.save file itself must be local.
+
     Returns
     -------
     ConvertResult
     """
-    src_path, dst, files, record = open_checkpoint(src, dst_file)
+    src_path, dst, files, record = open_checkpoint(src, dst_file, storage_options)
     check_output_file(dst, overwrite, "torch.save file")
     kept = record.get("safetensors_metadata")
     if isinstance(kept, dict) and set(kept) - {"format"}:  # "format": "pt" is boilerplate

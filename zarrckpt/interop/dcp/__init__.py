@@ -44,4 +44,10 @@ and with ``overwrite=False`` refuses an existing checkpoint with DCP's words
 a checkpoint that has its directory to itself is atomic (the old checkpoint
 stays readable until the new one is committed); a directory holding a DCP
 checkpoint is refused rather than mixed with it.
+
+On an object store (``s3://bucket/prefix``, with ``storage_options``) the
+writer uses the store's staging: the coordinator creates it with
+``Store.stage`` (clearing the prefix, docs/object-storage.md), the other
+ranks attach to it by its token (``Store.attach``) and write one object per
+chunk piece, and ``finish`` commits it (commit marker last).
 """

@@ -26,19 +26,18 @@ from ...errors import (
     MissingKeysError,
     ShapeMismatchError,
     UnsafeCheckpointError,
+    ZarrCkptError,
 )
 from ...format._dtypes import numpy_as_tensor, tensor_as_numpy
 from ...format._metadata import ArrayEntry
 from ...parallel._reader import CheckpointFiles, ReadRequest
 from ...parallel._writer import default_threads
 from ...storage._files import is_dir
-from ...storage._local import open_store
+from ...storage._local import is_object_url, open_store
 from ...storage._paths import check_path
 from .._torchsave_writer import decode_for_pickle
 from ._tree import STORAGE_TAG, DcpLeaf, dcp_leaves
 
-#: what needs a local path (the plug-ins write and read through DCP's file layout)
-_PLUGINS = "the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)"
 __all__ = ["ZarrStorageReader"]
 
 PathLike = str | os.PathLike[str]
@@ -57,7 +56,14 @@ class ZarrStorageReader(StorageReader):
     Parameters
     ----------
     path
-        Checkpoint directory (``dcp.load(..., checkpoint_id=other)`` replaces it).
+        Checkpoint directory (``dcp.load(..., checkpoint_id=other)`` replaces it),
+        or an object-store URL (``s3://bucket/prefix``): each rank then reads
+        only the byte ranges it needs, with ranged GETs.
+    storage_options
+        Client options for an object-store URL (endpoint, region, credentials,
+        retries), as for ``zarrckpt.load``; None takes them from the
+        environment. Refused for a local path; ignored by :meth:`reset` to a
+        local path.
     allow_pickle
         Allow reading values the checkpoint stores with pickle. Without it,
         asking for one raises :class:`~zarrckpt.errors.UnsafeCheckpointError`;
@@ -80,10 +86,16 @@ class ZarrStorageReader(StorageReader):
     """
 
     def __init__(
-        self, path: PathLike, *, allow_pickle: bool = False, threads: int | None = None
+        self,
+        path: PathLike,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        allow_pickle: bool = False,
+        threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = check_path(path, local_only=_PLUGINS)
+        self.storage_options = storage_options
+        self.path = check_path(path, storage_options=storage_options)
         self.allow_pickle = allow_pickle
         self.threads = threads or default_threads()
         self.load_id = uuid.uuid4().hex
@@ -100,14 +112,23 @@ class ZarrStorageReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
-        """True when ``checkpoint_id`` is a local zarrckpt checkpoint directory."""
+        """True when ``checkpoint_id`` is a local zarrckpt checkpoint directory,
+        or an object-store URL holding a zarrckpt checkpoint (client options from
+        the environment)."""
         path = os.fspath(checkpoint_id)
+        if is_object_url(path):
+            try:
+                return open_store(check_path(path)).looks_like_checkpoint()
+            except (ZarrCkptError, OSError):
+                return False
         return "://" not in path and is_dir(path) and open_store(path).looks_like_checkpoint()
 
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new load, from ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = check_path(checkpoint_id, local_only=_PLUGINS)
+            p = os.fspath(checkpoint_id)
+            options = self.storage_options if is_object_url(p) else None
+            self.path = check_path(p, storage_options=options)
         self.load_id = uuid.uuid4().hex
         self._files = None
         self._leaves = {}

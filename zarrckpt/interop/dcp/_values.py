@@ -64,6 +64,7 @@ def encode_byte_value(
     path: str,
     chunk_bytes: int,
     inner_bytes: int,
+    shared_files: bool = True,
 ) -> tuple[
     dict[str, Any], list[ArrayEntry], list[ChunkWrite | IndexWrite], dict[str, StoredArray]
 ]:
@@ -94,7 +95,7 @@ def encode_byte_value(
     stored: dict[str, StoredArray] = {}
 
     def add(entry: ArrayEntry, layout: Any, source: np.ndarray, origin: tuple[int, ...]) -> None:
-        stored[entry.fqn] = plan = plan_storage(layout)
+        stored[entry.fqn] = plan = plan_storage(layout, shared_files=shared_files)
         entry = dataclasses.replace(entry, layout=plan.layout)
         entries.append(entry)
         if plan.mode == "shard":

@@ -49,10 +49,16 @@ def _tree_tensors(node: Any) -> Iterator[str]:
 
 
 def plan_dcp_arrays(
-    plans: list[SavePlan], path: str, *, chunk_bytes: int, inner_bytes: int
+    plans: list[SavePlan],
+    path: str,
+    *,
+    chunk_bytes: int,
+    inner_bytes: int,
+    shared_files: bool = True,
 ) -> tuple[list[ArrayEntry], Writers, dict[str, StoredArray]]:
     """Array entries, per array piece index -> (writer rank, offsets of the DCP
-    piece it is written from), and where each piece is stored."""
+    piece it is written from), and where each piece is stored (one object per
+    piece without ``shared_files``: object stores)."""
     world = len(plans)
     described: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     pieces: dict[str, list[list[Region]]] = {}
@@ -103,7 +109,9 @@ def plan_dcp_arrays(
     for arr, array_plan in zip(arrays, planned, strict=True):
         apath = fqn_to_path(arr.fqn, checkpoint=path)
         stored[arr.fqn] = plan_storage(
-            array_plan.layout, {index: rank for index, (rank, _) in array_plan.writers.items()}
+            array_plan.layout,
+            {index: rank for index, (rank, _) in array_plan.writers.items()},
+            shared_files=shared_files,
         )
         entry = ArrayEntry(arr.fqn, apath, infos[arr.fqn], stored[arr.fqn].layout)
         if entry.path in seen:

@@ -16,12 +16,15 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ...errors import DistributedSaveError, UnsupportedValueError
+from ...errors import (
+    DistributedSaveError,
+    UnsupportedValueError,
+    ZarrCkptError,
+)
 from ...format._dtypes import info_for_torch
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, ArrayLayout
-from ...format._marker import COMMIT_GROUP, ROOT_METADATA
 from ...format._metadata import ArrayEntry, parse_entry
-from ...format._shard import PieceTarget, StoredArray
+from ...format._shard import StoredArray
 from ...parallel._writer import (
     ChunkWrite,
     IndexWrite,
@@ -29,21 +32,26 @@ from ...parallel._writer import (
     default_threads,
     write_arrays,
 )
+from ...storage._base import Staging
 from ...storage._files import is_dir, lexists
 from ...storage._inplace import (
-    check_collisions,
-    choose_target,
     commit_in_place,
-    new_inner_staging_dir,
 )
-from ...storage._local import as_staging, open_store
-from ...storage._paths import check_path, wait_visible
+from ...storage._local import is_object_url, open_store
+from ...storage._paths import check_path
 from ._tree import STORAGE_TAG
 from ._values import encode_byte_value, resolve_tensor
 from ._write_plan import build_root, plan_dcp_arrays
+from ._writer_staging import (
+    abort_quietly,
+    attach_staging,
+    checked_path,
+    open_staging,
+    parse_target,
+    pieces_json,
+    target_json,
+)
 
-#: what needs a local path (the plug-ins write and read through DCP's file layout)
-_PLUGINS = "the DCP plug-ins (ZarrStorageWriter / ZarrStorageReader)"
 __all__ = ["ZarrStorageWriter"]
 
 PathLike = str | os.PathLike[str]
@@ -69,6 +77,15 @@ class ZarrStorageWriter(StorageWriter):
         directories are created. It may exist and hold other files, which are
         kept, as with ``FileSystemWriter``.
         ``dcp.save(..., checkpoint_id=other)`` replaces it (:meth:`reset`).
+        Or an object-store URL (``s3://bucket/prefix``): the save follows the
+        object-store commit protocol of ``zarrckpt.save`` (one object per chunk
+        piece, commit marker last; a prefix holding objects that are not a
+        zarrckpt checkpoint is refused; docs/object-storage.md).
+    storage_options
+        Client options for an object-store URL (endpoint, region, credentials,
+        retries), as for ``zarrckpt.save``; None takes them from the
+        environment. Refused for a local path; ignored by :meth:`reset` to a
+        local path.
     overwrite
         Replace an existing committed checkpoint at ``path``. Default False,
         as for ``zarrckpt.save`` (DCP's ``FileSystemWriter`` overwrites by
@@ -107,6 +124,7 @@ class ZarrStorageWriter(StorageWriter):
         self,
         path: PathLike,
         *,
+        storage_options: dict[str, Any] | None = None,
         overwrite: bool = False,
         allow_pickle: bool = False,
         fsync: bool = True,
@@ -115,7 +133,8 @@ class ZarrStorageWriter(StorageWriter):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.path = check_path(path, local_only=_PLUGINS)
+        self.storage_options = storage_options
+        self.path = check_path(path, storage_options=storage_options)
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.fsync = fsync
@@ -126,6 +145,7 @@ class ZarrStorageWriter(StorageWriter):
         self.is_coordinator = False
         self.rank: int | None = None
         self._staging: str | None = None
+        self._object_staging: Staging | None = None
         self._mode = "new"
         self._cleanup: weakref.finalize | None = None
         self._entries: dict[str, ArrayEntry] = {}
@@ -140,8 +160,15 @@ class ZarrStorageWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
         """True for a local path whose nearest existing ancestor is a directory
-        (missing parents are created, as by ``FileSystemWriter``)."""
+        (missing parents are created, as by ``FileSystemWriter``), and for an
+        object-store URL of a supported scheme (``s3://bucket/prefix``)."""
         path = os.fspath(checkpoint_id)
+        if is_object_url(path):
+            try:
+                check_path(path)
+            except ZarrCkptError:
+                return False
+            return True
         if "://" in path or not path:
             return False
         ancestor = os.path.dirname(os.path.abspath(path))
@@ -152,7 +179,7 @@ class ZarrStorageWriter(StorageWriter):
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         """Start a new save, at ``checkpoint_id`` when given."""
         if checkpoint_id:
-            self.path = check_path(checkpoint_id, local_only=_PLUGINS)
+            self.path = checked_path(checkpoint_id, self.storage_options)
         self.save_id = uuid.uuid4().hex
 
     def storage_meta(self) -> StorageMeta | None:
@@ -184,6 +211,7 @@ class ZarrStorageWriter(StorageWriter):
             self._cleanup()  # removes the staging directory (once)
             self._cleanup = None
         self._staging = None
+        self._object_staging = None
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Check the dtypes of this rank's tensors early; the plan is unchanged."""
@@ -217,21 +245,25 @@ class ZarrStorageWriter(StorageWriter):
                 "(DefaultSavePlanner(enable_plan_caching=True))"
             )
         world = len(plans)
+        store = open_store(self.path)
         entries, writers, stored = plan_dcp_arrays(
-            plans, self.path, chunk_bytes=self.chunk_bytes, inner_bytes=self.inner_chunk_bytes
+            plans,
+            self.path,
+            chunk_bytes=self.chunk_bytes,
+            inner_bytes=self.inner_chunk_bytes,
+            shared_files=store.shared_files,
         )
-        self._mode = choose_target(self.path, overwrite=self.overwrite)
         self._discard_staging()
-        if self._mode == "in place":
-            names = {e.path.split("/")[0] for e in entries} | {ROOT_METADATA, COMMIT_GROUP}
-            check_collisions(self.path, names)
-            self._staging = new_inner_staging_dir(self.path)
-        else:
-            self._staging = open_store(self.path).stage().token
+        self._mode, self._staging, staging = open_staging(
+            self.path, store, entries, overwrite=self.overwrite
+        )
+        if self._mode == "object":
+            self._object_staging = staging
         # DCP has no abort hook: a save that fails after this point (on any rank)
-        # never reaches finish(); the directory then goes with the writer (or the
+        # never reaches finish(); the staging (a directory, or the objects written
+        # below an object-store prefix) then goes with the writer (or the
         # interpreter), or at the writer's next save, whichever comes first
-        self._cleanup = weakref.finalize(self, as_staging(self._staging).abort)
+        self._cleanup = weakref.finalize(self, abort_quietly, staging)
         self._entries = {e.fqn: e for e in entries}
         self._stored = stored
         try:
@@ -291,8 +323,8 @@ class ZarrStorageWriter(StorageWriter):
                 f"ZarrStorageWriter({self.path!r}).write_data got a plan that "
                 "ZarrStorageWriter.prepare_global_plan did not prepare"
             )
-        staging = share["staging"]
-        wait_visible(staging, rank=share["rank"])
+        staging = attach_staging(self.path, share["staging"], share["rank"])
+        shared_files = open_store(self.path).shared_files
         entries = {
             fqn: parse_entry(fqn, raw, checkpoint=self.path) for fqn, raw in share["arrays"].items()
         }
@@ -354,6 +386,7 @@ class ZarrStorageWriter(StorageWriter):
                 path=self.path,
                 chunk_bytes=self.chunk_bytes,
                 inner_bytes=self.inner_chunk_bytes,
+                shared_files=shared_files,
             )
             metadata.extend(extra)
             chunk_writes.extend(extra_writes)
@@ -397,7 +430,7 @@ class ZarrStorageWriter(StorageWriter):
                 )
             )
         if self.fsync:
-            as_staging(staging).sync()
+            staging.sync()
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -423,6 +456,9 @@ class ZarrStorageWriter(StorageWriter):
             )
         try:
             self._commit(staging, metadata, results)
+            if self._cleanup is not None:  # committed: nothing left to remove
+                self._cleanup.detach()
+                self._cleanup = None
         finally:
             # after a successful publish the staging path no longer exists
             self._discard_staging()
@@ -431,30 +467,22 @@ class ZarrStorageWriter(StorageWriter):
         root, checkpoint_id = build_root(
             self.path, self._entries, self._stored, metadata, results
         )
-        if self._mode == "in place":
+        if self._mode == "object":
+            if self._object_staging is None:
+                raise DistributedSaveError(
+                    f"ZarrStorageWriter({self.path!r}).finish: the object-store staging "
+                    "of this save is gone"
+                )
+            self._object_staging.commit(
+                root, checkpoint_id, overwrite=self.overwrite, fsync=self.fsync
+            )
+        elif self._mode == "in place":
             commit_in_place(staging, self.path, root, checkpoint_id, fsync=self.fsync)
         else:
             overwrite = self.overwrite or self._mode == "replace"
             open_store(self.path).attach(staging).commit(
                 root, checkpoint_id, overwrite=overwrite, fsync=self.fsync
             )
-
-
-def pieces_json(stored: StoredArray) -> list[Any]:
-    """The piece grid's chunk and inner shapes, JSON-able."""
-    inner = stored.pieces.inner_shape
-    return [list(stored.pieces.chunk_shape), None if inner is None else list(inner)]
-
-
-def target_json(stored: StoredArray, index: tuple[int, ...]) -> list[Any]:
-    """Where piece ``index`` goes, as JSON-able values (see :func:`parse_target`)."""
-    t = stored.target(index)
-    return [t.key, list(t.chunk), t.offset, list(t.positions)]
-
-
-def parse_target(raw: list[Any]) -> PieceTarget:
-    key, chunk, offset, positions = raw
-    return PieceTarget(key, tuple(chunk), offset, tuple(positions))
 
 
 def _world_size() -> int:
