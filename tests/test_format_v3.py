@@ -384,3 +384,23 @@ def test_format_3_record_without_its_crc_table_is_refused(tmp_path: Path) -> Non
         zarrckpt.load({"l0.w": torch.zeros(64, 16), "l1.w": torch.zeros(64, 16)}, path)
     report = verify(path)
     assert not report.ok and any("crc32c table" in p.message for p in report.problems)
+
+
+@pytest.mark.parametrize("rows", [(16, 40), (16, 37), (88, 96), (5, 30), (0, 96), (95, 96)])
+def test_partial_row_reads_of_a_shard_file(tmp_path: Path, rows: tuple[int, int]) -> None:
+    """Rows of a shard file of row-slab inner chunks (what a rank of another mesh reads):
+    aligned runs go straight into the destination, cut ends through a scratch buffer."""
+    from zarrckpt.parallel._reader import CheckpointFiles, ReadRequest
+
+    source = torch.arange(96 * 8, dtype=torch.float32).reshape(96, 8)
+    path = str(tmp_path / "c")
+    zarrckpt.save({"w": source}, path, fsync=False, inner_chunk_bytes=8 * 8 * 4)
+    files = CheckpointFiles(path)
+    entry = files.arrays["w"]
+    assert entry.layout.inner_shape == (8, 8) and entry.layout.chunk_shape == (96, 8)
+    start, stop = rows
+    dest = np.full((stop - start, 8), -1.0, dtype=np.float32)
+    read = files.read_into(ReadRequest(entry, dest, (start, 0)))
+    np.testing.assert_array_equal(dest, source[start:stop].numpy())
+    needed_inner = -(-stop // 8) - start // 8
+    assert read <= entry.layout.index_nbytes + needed_inner * (8 * 8 * 4 + 4)

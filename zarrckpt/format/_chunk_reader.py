@@ -224,13 +224,11 @@ class ChunkReader:
             else:
                 table = self._read_index(reader, index)
                 region = layout.chunk_region(index)
-                slabs = (
-                    _row_slabs(layout, region, dest, dest_origin)
-                    if _intersect(region, need) == region
-                    else None
-                )
+                first, slabs = self._needed_row_slabs(region, need, dest, dest_origin)
                 if slabs is not None:
-                    self._read_row_slabs(reader, index, table, slabs, dest, dest_origin, need)
+                    self._read_row_slabs(
+                        reader, index, table, slabs, dest, dest_origin, need, first
+                    )
                     return
                 parts = []
                 base = layout.crc_position(index)
@@ -271,6 +269,24 @@ class ChunkReader:
             f"expected {self.layout.inner_nbytes + 4}"
         )
 
+    def _needed_row_slabs(
+        self, region: Region, need: Region, dest: np.ndarray, dest_origin: tuple[int, ...]
+    ) -> tuple[int, memoryview | None]:
+        """(first inner chunk, bytes of ``dest`` to fill) when the needed part of the
+        chunk at ``region`` is whole row slabs from an inner-chunk boundary on (all
+        of every dimension but the first; the last slab may be cut), C-contiguous in
+        ``dest``: the rows a rank of another mesh reads. Else (0, None)."""
+        layout = self.layout
+        inner = layout.inner_shape
+        sub = _intersect(region, need)
+        if inner is None or any(b <= a for a, b in sub):
+            return 0, None
+        offset = sub[0][0] - region[0][0]
+        if offset % inner[0]:
+            return 0, None
+        slabs = _row_slabs(layout, sub, dest, dest_origin)
+        return offset // inner[0], slabs
+
     def _read_row_slabs(
         self,
         reader: RangeReader,
@@ -280,20 +296,29 @@ class ChunkReader:
         dest: np.ndarray,
         dest_origin: tuple[int, ...],
         need: Region,
+        first: int = 0,
     ) -> None:
-        """Read a whole chunk of row-slab inner chunks straight into ``slabs`` (see
-        :func:`_row_slabs`): runs of inner chunks stored back to back are read with one
-        ``preadv`` of about ``_READ_GROUP_BYTES`` and verified right after."""
+        """Read row-slab inner chunks ``first, first + 1, ...`` of a chunk straight into
+        ``slabs`` (see :func:`_row_slabs`): runs of inner chunks stored back to back are
+        read with one ``preadv`` of about ``_READ_GROUP_BYTES`` and verified right after;
+        a last slab cut short (the end of the array or of the needed rows) goes through
+        a scratch buffer."""
         layout = self.layout
         slab = layout.inner_nbytes
         n_full, rest = divmod(len(slabs), slab)
         n_needed = n_full + (1 if rest else 0)
-        offs = table[:n_needed, 0]
-        bad = (offs == EMPTY) | (table[:n_needed, 1] != slab + 4)
+        if first + n_needed > len(table):
+            raise CorruptCheckpointError(
+                f"{self.what}: chunk {layout.chunk_key(index)!r} has {len(table)} inner "
+                f"chunks in its index, rows up to inner chunk {first + n_needed} are needed"
+            )
+        rows = table[first : first + n_needed]
+        offs = rows[:, 0]
+        bad = (offs == EMPTY) | (rows[:, 1] != slab + 4)
         if bad.any():
-            self._inner_error(index, int(np.argmax(bad)), table)
+            self._inner_error(index, first + int(np.argmax(bad)), table)
         offsets = [int(x) for x in offs[:n_full]]
-        base = layout.crc_position(index)
+        base = layout.crc_position(index) + first
         per_group = max(1, min(_IOV_MAX // 2, _READ_GROUP_BYTES // max(1, slab)))
         crcs = bytearray(4 * per_group)
         crc_view = memoryview(crcs)
@@ -318,7 +343,7 @@ class ChunkReader:
                 )
             k = end
         if rest:  # inner chunk cut by the end of the array: through a scratch buffer
-            inner = (n_full,) + (0,) * (layout.ndim - 1)
+            inner = (first + n_full,) + (0,) * (layout.ndim - 1)
             region = layout.inner_region(index, inner)
             self._read_part(
                 reader, index, region, int(offs[n_full]), layout.inner_shape or (), dest,

@@ -195,7 +195,7 @@ _PARALLEL_MIN_BYTES = 1 << 20
 
 
 #: a request is cut into parts of about this size for parallel reads
-_PART_BYTES = 16 << 20
+_PART_BYTES = 64 << 20
 
 
 def _split_by_chunk(request: ReadRequest) -> list[ReadRequest]:
