@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointExistsError, InvalidPathError
@@ -49,6 +49,9 @@ class LocalStaging(Staging):
 
     directory: str
     path: str | None = None
+    #: directories this object created or found (metadata and chunk writes of one
+    #: array ask for the same one: one mkdir, not two)
+    _dirs: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def token(self) -> str:
@@ -64,7 +67,10 @@ class LocalStaging(Staging):
         return self.path
 
     def ensure_dir(self, key: str) -> None:
+        if key in self._dirs:
+            return
         _posix.mkdir_fast(_join(self.directory, key))
+        self._dirs.add(key)
 
     def write_small(self, key: str, data: bytes) -> None:
         _posix.write_small(_join(self.directory, key), data)
