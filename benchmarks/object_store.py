@@ -24,7 +24,6 @@ the proxy's per-request cost applies to every system alike.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import logging
 import os
@@ -41,6 +40,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
+
+from ._proxy import forward
 
 __all__ = ["SIZES", "SYSTEMS", "CountingProxy", "run", "markdown", "write", "main"]
 
@@ -79,22 +80,7 @@ class CountingProxy:
                 body = self.rfile.read(length) if length else b""
                 with proxy.lock:
                     proxy.counts[self.command] += 1
-                conn = http.client.HTTPConnection(proxy.target, timeout=120)
-                conn.connect()
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                length_out = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length_out or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
+                forward(self, proxy.target, body, timeout=120)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 

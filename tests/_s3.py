@@ -7,7 +7,6 @@ client's endpoint names it, and the instance-metadata lookup is disabled.
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import socket
@@ -18,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from benchmarks._proxy import forward
 
 ACCESS_KEY = "zarrckpt-test"
 SECRET_KEY = "zarrckpt-test-secret"
@@ -139,21 +140,7 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload.encode())
                     return
-                conn = http.client.HTTPConnection(proxy.target, timeout=30)
-                headers = {k: v for k, v in self.headers.items()}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
+                forward(self, proxy.target, body, timeout=30)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
