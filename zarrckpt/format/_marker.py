@@ -30,7 +30,7 @@ __all__ = [
 
 #: group holding the commit marker (``~`` never starts an encoded FQN at the root)
 COMMIT_GROUP = "~commit"
-#: the commit marker: relative path of the file, ``/``-separated (format version 2)
+#: the commit marker: relative path of the file, ``/``-separated (format versions 2 and 3)
 COMMIT_MARKER = COMMIT_GROUP + "/zarr.json"
 #: the commit marker of format version 1 checkpoints, a plain JSON file at the root
 LEGACY_COMMIT_MARKER = "zarrckpt.commit"

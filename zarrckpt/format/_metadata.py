@@ -21,7 +21,6 @@ from ._marker import FORMAT_NAME, FORMAT_VERSION
 PICKLE_GROUP = "~pickle"
 #: group holding the arrays of large ``bytes`` values
 BYTES_GROUP = "~bytes"
-#: the format version of checkpoints without the version-2 node forms
 
 __all__ = [
     "PICKLE_GROUP",
