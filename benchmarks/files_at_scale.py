@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import shutil
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from . import _projection as proj
+from . import report
 
 __all__ = ["NAME", "ALIAS", "run", "write", "markdown", "main", "real_parameters", "walk_counts"]
 
@@ -302,13 +302,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write(results: dict[str, Any], out_dir: str) -> list[str]:
     """Write ``files_at_scale.json`` and ``files_at_scale.md`` into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{NAME}.json"), os.path.join(out_dir, f"{NAME}.md")]
-    with open(paths[0], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(paths[1], "w") as f:
-        f.write(markdown(results))
-    return paths
+    return report.write_json_and_markdown(results, markdown(results), out_dir, NAME)
 
 
 def main(argv: list[str] | None = None) -> int:

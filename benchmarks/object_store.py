@@ -24,7 +24,6 @@ the proxy's per-request cost applies to every system alike.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 
+from . import report
 from ._proxy import forward
 
 __all__ = ["SIZES", "SYSTEMS", "CountingProxy", "run", "markdown", "write", "main"]
@@ -319,13 +319,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write(results: dict[str, Any], out_dir: str) -> list[str]:
     """Write ``object_store.json`` and ``object_store.md`` into ``out_dir``; return the paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "object_store.json"), os.path.join(out_dir, "object_store.md")]
-    with open(paths[0], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(paths[1], "w") as f:
-        f.write(markdown(results))
-    return paths
+    return report.write_json_and_markdown(results, markdown(results), out_dir, "object_store")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -420,12 +420,21 @@ def charts(results: dict[str, Any], out_dir: str) -> list[str]:
     return written
 
 
-def write_outputs(results: dict[str, Any], out_dir: str) -> list[str]:
-    """Write results.json, results.md and the charts into ``out_dir``."""
+def write_json_and_markdown(
+    results: dict[str, Any], text: str, out_dir: str, name: str
+) -> list[str]:
+    """Write ``results`` as ``<name>.json`` and ``text`` as ``<name>.md`` into
+    ``out_dir``; return the two paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
+    paths = [os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")]
     with open(paths[0], "w") as f:
         json.dump(results, f, indent=1)
     with open(paths[1], "w") as f:
-        f.write(markdown(results))
+        f.write(text)
+    return paths
+
+
+def write_outputs(results: dict[str, Any], out_dir: str) -> list[str]:
+    """Write results.json, results.md and the charts into ``out_dir``."""
+    paths = write_json_and_markdown(results, markdown(results), out_dir, "results")
     return paths + charts(results, out_dir)

@@ -58,21 +58,14 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
             return "safetensors"
         if lower.endswith(_TORCH_SUFFIXES):
             return "torch"
-        if is_object_url(p):  # object stores hold zarrckpt checkpoints only
-            return "zarrckpt"
-        if is_dir(p):
-            if open_store(p).looks_like_checkpoint():
-                return "zarrckpt"
-            if is_dcp_dir(p):
-                return "dcp"
+        found = _checkpoint_format(p)
+        if found is not None:
+            return found
         return "dcp" if src_format == "zarrckpt" else "zarrckpt"
-    if is_object_url(p):  # object stores hold zarrckpt checkpoints only
-        return "zarrckpt"
+    found = _checkpoint_format(p)
+    if found is not None:
+        return found
     if is_dir(p):
-        if open_store(p).looks_like_checkpoint():
-            return "zarrckpt"
-        if is_dcp_dir(p):
-            return "dcp"
         raise CheckpointNotFoundError(
             f"{p!r} is a directory but neither a zarrckpt checkpoint nor a DCP checkpoint "
             "(no zarr.json manifest, no .metadata)"
@@ -89,6 +82,19 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
         f"cannot tell the format of {p!r}: not a zip torch.save file, not a safetensors file "
         "(pass src_format / --from)"
     )
+
+
+def _checkpoint_format(p: str) -> str | None:
+    """``"zarrckpt"`` for an object-store URL (object stores hold zarrckpt checkpoints
+    only) or a zarrckpt checkpoint directory, ``"dcp"`` for a DCP directory, else None."""
+    if is_object_url(p):
+        return "zarrckpt"
+    if is_dir(p):
+        if open_store(p).looks_like_checkpoint():
+            return "zarrckpt"
+        if is_dcp_dir(p):
+            return "dcp"
+    return None
 
 
 def _checked(path: PathLike, role: str, storage_options: dict[str, Any] | None) -> str:
