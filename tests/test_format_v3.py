@@ -404,3 +404,13 @@ def test_partial_row_reads_of_a_shard_file(tmp_path: Path, rows: tuple[int, int]
     np.testing.assert_array_equal(dest, source[start:stop].numpy())
     needed_inner = -(-stop // 8) - start // 8
     assert read <= entry.layout.index_nbytes + needed_inner * (8 * 8 * 4 + 4)
+
+
+def test_unknown_file_layout_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from zarrckpt.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="file_layout='files'.*'auto', 'shard'"):
+        zarrckpt.save({"w": torch.ones(2)}, tmp_path / "c", file_layout="files")
+    with pytest.raises(InvalidArgumentError, match="file_layout"):
+        zarrckpt.async_save({"w": torch.ones(2)}, tmp_path / "c", file_layout="")
+    assert list(tmp_path.iterdir()) == []

@@ -224,3 +224,12 @@ def test_file_urls_are_local_paths(tmp_path):
     out = {"a": torch.zeros(2)}
     zarrckpt.load(out, str(path))
     assert out["a"].tolist() == [1.0, 1.0]
+
+
+def test_shard_files_are_refused_on_an_object_store(s3_server, s3_url):
+    """Ranks cannot write one object together: file_layout="shard" is refused before
+    anything is written, and nothing lands at the prefix."""
+    with pytest.raises(zarrckpt.errors.InvalidArgumentError, match="file_layout='shard'"):
+        zarrckpt.save({"w": torch.ones(4)}, s3_url, storage_options=s3_server.options(),
+                      file_layout="shard")
+    assert ObjectStore(s3_url, s3_server.options()).list_dir() == []
