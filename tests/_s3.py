@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,7 +98,10 @@ class FaultProxy:
     fails the first requests it sees: ``fail(n, mode)`` makes the next ``n``
     requests answer 503 SlowDown (``mode="503"``), 500 (``"500"``), 403
     (``"403"``), or close the connection without answering (``"reset"``).
-    ``requests`` counts every request, ``faults`` the failed ones."""
+    ``requests`` counts every request, ``faults`` the failed ones; ``log`` lists
+    ``(method, path)`` of every request, ``max_in_flight`` the most requests it
+    was serving at once, and ``delay`` (seconds) holds each forwarded request
+    that long, as a network round trip would."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -106,6 +110,10 @@ class FaultProxy:
         self.mode = "503"
         self.requests = 0
         self.faults = 0
+        self.log: list[tuple[str, str]] = []
+        self.delay = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -119,6 +127,7 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 with proxy.lock:
                     proxy.requests += 1
+                    proxy.log.append((self.command, self.path.partition("?")[0]))
                     fault = proxy.mode if proxy.pending > 0 else None
                     if fault:
                         proxy.pending -= 1
@@ -140,7 +149,16 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload.encode())
                     return
-                forward(self, proxy.target, body, timeout=30)
+                with proxy.lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    if proxy.delay:
+                        time.sleep(proxy.delay)
+                    forward(self, proxy.target, body, timeout=30)
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
@@ -153,6 +171,12 @@ class FaultProxy:
     def endpoint(self) -> str:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def reset_counts(self) -> None:
+        """Forget the requests seen so far (``log``, ``requests``, ``max_in_flight``)."""
+        with self.lock:
+            self.log.clear()
+            self.requests = self.max_in_flight = 0
 
     def fail(self, n: int, mode: str = "503") -> None:
         with self.lock:

@@ -140,7 +140,11 @@ class ChunkReader:
                 )
 
     def _check_plain_size(self, reader: RangeReader, index: tuple[int, ...]) -> None:
-        """A plain chunk file is exactly the chunk's bytes and its crc32c."""
+        """A plain chunk file is exactly the chunk's bytes and its crc32c.
+
+        Checked after the chunk was read: an object store's reader learns the
+        size from the GET's reply, so the check costs no request of its own (a
+        truncated chunk fails the read itself)."""
         size = reader.size
         expected = self.layout.chunk_nbytes + 4
         if size != expected:
@@ -201,10 +205,10 @@ class ChunkReader:
         index = (0,) * self.layout.ndim
         reader = self._open(index)
         try:
-            self._check_plain_size(reader, index)
             view = _as_bytes_view(dest)
             crc = bytearray(4)
             self._pread_exact(reader, [view, crc], 0, index)
+            self._check_plain_size(reader, index)
             self._check(view, crc, index, "", self.layout.crc_position(index))
         finally:
             reader.close()
@@ -216,7 +220,6 @@ class ChunkReader:
         reader = self._open(index)
         try:
             if layout.inner_shape is None:
-                self._check_plain_size(reader, index)
                 parts = [
                     (layout.crc_position(index), layout.chunk_region(index), 0,
                      layout.chunk_shape)
@@ -253,6 +256,8 @@ class ChunkReader:
                 self._read_part(
                     reader, index, region, offset, full_shape, dest, dest_origin, need, position
                 )
+            if layout.inner_shape is None:
+                self._check_plain_size(reader, index)
         finally:
             reader.close()
 

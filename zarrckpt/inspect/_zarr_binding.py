@@ -34,12 +34,12 @@ def zarr_view(files: CheckpointFiles, entry: ArrayEntry) -> Any:
     from .._zarr_dtypes import register_zarr_dtypes
 
     register_zarr_dtypes()
-    files.check_metadata(entry)
+    metadata = files.check_metadata(entry)
     # zarr-python opens the array's files by path: refuse links and FIFOs first
     files.store.check_entries(entry.path)
-    store = BindingStore(files.store.zarr_store(), entry, files.what(entry))
+    store = BindingStore(files.store.zarr_store(), entry, files.what(entry), metadata)
     try:
-        array = zarr.open_array(store, path=entry.path, mode="r")
+        array = zarr.open_array(store, path=entry.path, mode="r", zarr_format=3)
     except Exception as e:  # zarr's own errors on a document it cannot use
         raise CorruptCheckpointError(
             f"checkpoint {files.path!r}: zarr cannot open array {entry.fqn!r} at "
@@ -51,16 +51,21 @@ def zarr_view(files: CheckpointFiles, entry: ArrayEntry) -> Any:
 class BindingStore(WrapperStore[Any]):
     """``store`` with the reads of ``entry``'s chunks checked against its crc table."""
 
-    def __init__(self, store: Any, entry: ArrayEntry, what: str) -> None:
+    def __init__(
+        self, store: Any, entry: ArrayEntry, what: str, metadata: bytes | None = None
+    ) -> None:
         super().__init__(store)
         self._entry = entry
         self._what = what
+        #: the array's zarr.json as checked against the manifest (served from memory:
+        #: on an object store, one GET fewer per array opened)
+        self._metadata = metadata
         self._crcs = entry.crc_values()
         #: chunk key -> {inner chunk offset: crc table position}, from shard indexes read
         self._positions: dict[str, dict[int, int]] = {}
 
     def _with_store(self, store: Any) -> BindingStore:
-        return type(self)(store, self._entry, self._what)
+        return type(self)(store, self._entry, self._what, self._metadata)
 
     def _chunk_index(self, key: str) -> tuple[int, ...] | None:
         prefix = self._entry.path + "/"
@@ -77,6 +82,12 @@ class BindingStore(WrapperStore[Any]):
             return None
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if (
+            self._metadata is not None
+            and byte_range is None
+            and key == f"{self._entry.path}/zarr.json"
+        ):
+            return prototype.buffer.from_bytes(self._metadata)
         buffer = await self._store.get(key, prototype, byte_range)
         chunk = self._chunk_index(key)
         if chunk is not None and (buffer is None or len(buffer) == 0):

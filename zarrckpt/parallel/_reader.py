@@ -75,16 +75,18 @@ class CheckpointFiles:
                 f"checkpoint {self.path!r}: manifest is malformed ({e!r})"
             ) from None
         self.bytes_read = 0
-        self._checked: set[str] = set()
+        #: fqn -> the array's zarr.json as stored, once checked
+        self._checked: dict[str, bytes] = {}
 
     def what(self, entry: ArrayEntry) -> str:
         return f"checkpoint {self.path!r}, key {entry.fqn!r}"
 
-    def check_metadata(self, entry: ArrayEntry) -> None:
+    def check_metadata(self, entry: ArrayEntry) -> bytes:
         """Verify that the array's own zarr.json exists and matches the manifest
-        (tensorstore and zarr read it: a damaged one is reported by every reader)."""
+        (tensorstore and zarr read it: a damaged one is reported by every reader);
+        return its bytes (read once per array)."""
         if entry.fqn in self._checked:
-            return
+            return self._checked[entry.fqn]
         key = f"{entry.path}/zarr.json"
         try:
             data = self.store.read_small(key)
@@ -102,7 +104,8 @@ class CheckpointFiles:
                     f"valid JSON ({e})"
                 ) from None
             check_array_document(entry, document, checkpoint=self.path)
-        self._checked.add(entry.fqn)
+        self._checked[entry.fqn] = data
+        return data
 
     def read_into(self, request: ReadRequest) -> int:
         """Fill one request; return the bytes read from disk."""
@@ -124,23 +127,28 @@ class CheckpointFiles:
         threads, largest first (their time goes to ``preadv`` and crc32c, which
         release the GIL); requests under ``_PARALLEL_MIN_BYTES`` are read by
         the calling thread meanwhile: they cost mostly Python work, which
-        threads would only contend for.
+        threads would only contend for. On stores whose requests cost mostly a
+        round trip (object stores, :attr:`Store.requests_per_thread` > 1) every
+        part goes to a pool of ``threads * requests_per_thread`` threads.
         """
         requests = list(requests)
-        if threads <= 1:
+        fanout = self.store.requests_per_thread
+        if threads * fanout <= 1:
             total = sum(self.read_into(r) for r in requests)
         else:
             parts: list[ReadRequest] = []
             for r in requests:
                 parts.extend(_split_by_chunk(r))
-            big = [p for p in parts if p.dest.nbytes >= _PARALLEL_MIN_BYTES]
-            small = [p for p in parts if p.dest.nbytes < _PARALLEL_MIN_BYTES]
+            # object stores: every part is a round trip, so all go to the pool
+            least = _PARALLEL_MIN_BYTES if fanout == 1 else 0
+            big = [p for p in parts if p.dest.nbytes >= least]
+            small = [p for p in parts if p.dest.nbytes < least]
             if len(big) <= 1:
                 total = sum(self.read_into(r) for r in big + small)
             else:
                 big.sort(key=lambda r: -r.dest.nbytes)
                 with ThreadPoolExecutor(
-                    max_workers=threads, thread_name_prefix="zarrckpt"
+                    max_workers=threads * fanout, thread_name_prefix="zarrckpt"
                 ) as pool:
                     futures = [pool.submit(self.read_into, r) for r in big]
                     try:

@@ -284,8 +284,10 @@ def write_arrays(
     written, so the disk works in parallel with the copying.
     """
     target = as_staging(staging)
-    batches = [metadata[i : i + 64] for i in range(0, len(metadata), 64)]
-    parallel_map(lambda b: write_metadata(target, b), batches, threads)
+    fanout = target.requests_per_thread
+    per_batch = 64 if fanout == 1 else 1  # object stores: one request per task
+    batches = [metadata[i : i + per_batch] for i in range(0, len(metadata), per_batch)]
+    parallel_map(lambda b: write_metadata(target, b), batches, threads * fanout)
     return _run_chunk_tasks(target, list(chunks), threads, fsync)
 
 
@@ -299,15 +301,19 @@ def _run_chunk_tasks(
     tasks: list[list[ChunkWrite | IndexWrite]] = []
     current: list[ChunkWrite | IndexWrite] = []
     size = 0
+    fanout = staging.requests_per_thread
+    # local files: tasks of ~8 MiB; object stores: one object (one request) per task
+    task_bytes = _TASK_BYTES if fanout == 1 else 0
     for w in sorted(chunks, key=lambda w: -_write_size(w)):
         current.append(w)
         size += _write_size(w)
-        if size >= _TASK_BYTES:
+        if size >= task_bytes:
             tasks.append(current)
             current, size = [], 0
     if current:
         tasks.append(current)
     result = WriteResult()
-    for part in parallel_map(lambda t: _write_chunks(staging, t, writeback), tasks, threads):
+    workers = threads * fanout
+    for part in parallel_map(lambda t: _write_chunks(staging, t, writeback), tasks, workers):
         result.merge(part)
     return result

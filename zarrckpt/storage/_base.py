@@ -77,6 +77,12 @@ class Staging(ABC):
     """One save in progress: invisible at its store's location until
     :meth:`commit` (or :meth:`publish`)."""
 
+    #: requests each I/O thread's share of the work keeps in flight: 1 where a
+    #: request costs CPU and disk time (local files), more where it costs mostly
+    #: a round trip (object stores): readers and writers then run
+    #: ``threads * requests_per_thread`` requests at once, one small object each.
+    requests_per_thread: ClassVar[int] = 1
+
     @property
     @abstractmethod
     def token(self) -> str:
@@ -164,6 +170,11 @@ class Store(ABC):
     #: (:meth:`Staging.write_chunk_at`): POSIX storage. Saves then store each
     #: tensor as one shard file; otherwise (object stores) one object per piece.
     shared_files: ClassVar[bool] = True
+    #: requests each I/O thread's share of the work keeps in flight: 1 where a
+    #: request costs CPU and disk time (local files), more where it costs mostly
+    #: a round trip (object stores): readers and writers then run
+    #: ``threads * requests_per_thread`` requests at once, one small object each.
+    requests_per_thread: ClassVar[int] = 1
 
     # ------------------------------------------------------------------ probing
 

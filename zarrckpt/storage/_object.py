@@ -75,6 +75,7 @@ class ObjectStore(Store):
 
     #: ranks cannot write one object together: one object per chunk piece
     shared_files = False
+    requests_per_thread = 8
 
     def __post_init__(self) -> None:
         # the path carries the options to whoever opens a store from it again

@@ -46,6 +46,8 @@ def json_bytes(document: Any) -> bytes:
 class ObjectStaging(Staging):
     """A save writing directly below its store's prefix (invisible until the marker)."""
 
+    requests_per_thread = 8
+
     store: ObjectStore
     save_id: str
     _local: list[str] = field(default_factory=list, repr=False)
