@@ -1,6 +1,6 @@
 """Workload (s3): save and load on an S3 server on loopback, with request counts.
 
-``python -m benchmarks.object_store [--quick | --tiny] [--out DIR]``
+``python -m benchmarks.object_store [--quick | --tiny] [--latency-ms MS] [--out DIR]``
 
 Starts moto's ``ThreadedMotoServer`` on 127.0.0.1 and a counting HTTP proxy in
 front of it (moto keeps no request counter one can trust), then saves and
@@ -18,7 +18,10 @@ row reports the median time of the repetitions and the HTTP requests the
 proxy saw for one checkpoint (by method: PUT, GET, HEAD, POST, DELETE; POSTs
 are multipart-upload starts and completions, and batch deletes). Every load is
 checked bit-exact against the saved state. All traffic stays on 127.0.0.1;
-the proxy's per-request cost applies to every system alike.
+the proxy's per-request cost applies to every system alike. On loopback a
+request costs mostly moto's own Python work (in this process); a real store
+over a network costs a round trip per request, which ``--latency-ms`` adds
+in the proxy, so that how many requests a system keeps in flight shows.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ class CountingProxy:
     """An HTTP proxy on 127.0.0.1 forwarding every request to ``target``
     (``host:port``) and counting requests by method."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, latency: float = 0.0) -> None:
         self.target = target
+        self.latency = latency
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         proxy = self
@@ -80,6 +84,8 @@ class CountingProxy:
                 body = self.rfile.read(length) if length else b""
                 with proxy.lock:
                     proxy.counts[self.command] += 1
+                if proxy.latency:
+                    time.sleep(proxy.latency)  # the round trip of a store over a network
                 forward(self, proxy.target, body, timeout=120)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
@@ -107,8 +113,9 @@ class CountingProxy:
 
 
 @contextmanager
-def s3_endpoint() -> Iterator[CountingProxy]:
-    """moto on 127.0.0.1 behind a :class:`CountingProxy`; a bucket ``bench`` exists."""
+def s3_endpoint(latency: float = 0.0) -> Iterator[CountingProxy]:
+    """moto on 127.0.0.1 behind a :class:`CountingProxy` adding ``latency`` seconds
+    to every request; a bucket ``bench`` exists."""
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     from moto.server import ThreadedMotoServer
 
@@ -116,7 +123,7 @@ def s3_endpoint() -> Iterator[CountingProxy]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    proxy = CountingProxy(f"{host}:{port}")
+    proxy = CountingProxy(f"{host}:{port}", latency)
     try:
         import boto3
 
@@ -247,15 +254,17 @@ def _bit_exact(sd: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> boo
     )
 
 
-def run(mode: str = "quick") -> dict[str, Any]:
-    """Measure every system on every workload; return the results (JSON-able)."""
+def run(mode: str = "quick", latency_ms: float = 0.0) -> dict[str, Any]:
+    """Measure every system on every workload; return the results (JSON-able).
+    ``latency_ms``: added to every request by the proxy (a remote store's round
+    trip; 0: loopback only)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     size = SIZES[mode]
     workloads = {"gpt": gpt_state(*size["gpt"]), "small": small_state(size["small"])}
     rows: list[dict[str, Any]] = []
-    with s3_endpoint() as proxy:
+    with s3_endpoint(latency_ms / 1000) as proxy:
         for wname, sd in workloads.items():
             nbytes = sum(t.numel() * t.element_size() for t in sd.values())
             for sname, (label, save, load) in SYSTEMS.items():
@@ -295,13 +304,14 @@ def run(mode: str = "quick") -> dict[str, Any]:
                             "bit_exact": exact,
                         }
                     )
-    return {"mode": mode, "rows": rows}
+    return {"mode": mode, "latency_ms": latency_ms, "rows": rows}
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as a Markdown table."""
     lines = [
-        f"## (s3) save/load on a loopback S3 server (moto), mode {results['mode']}",
+        f"## (s3) save/load on a loopback S3 server (moto), mode {results['mode']}, "
+        f"{results.get('latency_ms', 0):g} ms added per request",
         "",
         "| workload | system | op | median s | MB/s | requests | by method | bit-exact |",
         "|---|---|---|---:|---:|---:|---|---|",
@@ -327,9 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller GPT state (~30 MB)")
     parser.add_argument("--tiny", action="store_true", help="seconds; for the test suite")
     parser.add_argument("--out", default=None, help="write object_store.json / .md here")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0,
+        help="add this round trip to every request (a store over a network; default 0)",
+    )
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    results = run(mode)
+    results = run(mode, args.latency_ms)
     if args.out:
         write(results, args.out)
     sys.stdout.write(markdown(results))

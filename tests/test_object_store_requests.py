@@ -1,7 +1,7 @@
 """Requests per checkpoint on an object store, seen by a proxy on 127.0.0.1 in
 front of the moto server (tests/_s3.py FaultProxy): many small tensors cost one
 GET per chunk object plus one per array's zarr.json on load (no HEAD for sizes),
-``open`` is two GETs, a zarr view of one tensor is two GETs, and uploads and
+``open`` is two GETs sent together, a zarr view of one tensor is two GETs, and uploads and
 downloads keep many requests in flight at once (requests there cost a round
 trip, not CPU)."""
 
@@ -71,9 +71,13 @@ def test_open_and_a_zarr_view_read_only_what_they_need(s3_server, s3_url, proxy)
     sd = _small_state()
     zarrckpt.save(sd, s3_url, storage_options=opts)
     proxy.reset_counts()
+    proxy.delay = 0.2
     ckpt = zarrckpt.open(s3_url, storage_options=opts)
+    proxy.delay = 0.0
     opened = _kinds(proxy.log, bucket, prefix)
     assert opened == {("GET", "~commit/zarr.json"): 1, ("GET", "zarr.json"): 1}, opened
+    # both sent together: an open costs one round trip
+    assert proxy.max_in_flight == 2
 
     proxy.reset_counts()
     view = ckpt["t007"]

@@ -26,6 +26,7 @@ raises :class:`~zarrckpt.errors.ObjectStoreError` naming the key.
 from __future__ import annotations
 
 import functools
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -217,19 +218,35 @@ class ObjectStore(Store):
         return CheckpointNotFoundError(f"no checkpoint at {self.path!r} (no object below it)")
 
     def read_committed_root(self) -> dict[str, Any]:
-        """One GET of the marker and one of the root (more only to explain a failure)."""
+        """The GETs of the marker and of the root, sent together (one round trip;
+        more requests only to explain a failure). The marker binds the root it
+        commits (:func:`check_root`), so a root read while another save replaces
+        it is refused, whichever of the two replies came first."""
+        root: list[bytes | BaseException] = []
+
+        def get_root() -> None:
+            try:
+                root.append(self.read_small(ROOT_METADATA))
+            except BaseException as e:  # handed to the caller below
+                root.append(e)
+
+        fetch = threading.Thread(target=get_root, name="zarrckpt-root", daemon=True)
+        fetch.start()
         try:
             raw = self.read_small(COMMIT_MARKER)
         except FileNotFoundError:
             raise self._why_not_committed() from None
+        finally:
+            fetch.join()
         marker = check_marker(self.path, COMMIT_MARKER, raw)
-        try:
-            root_bytes = self.read_small(ROOT_METADATA)
-        except FileNotFoundError:
+        root_bytes = root[0]
+        if isinstance(root_bytes, FileNotFoundError):
             raise IncompleteCheckpointError(
                 f"checkpoint {self.path!r}: its commit marker exists but the root "
                 f"{ROOT_METADATA!r} is missing (deleted, or an overwrite is under way)"
             ) from None
+        if isinstance(root_bytes, BaseException):
+            raise root_bytes
         return check_root(self.path, root_bytes, marker)
 
     def _why_not_committed(self) -> Exception:
