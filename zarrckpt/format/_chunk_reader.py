@@ -155,16 +155,19 @@ class ChunkReader:
 
     def _read_index(self, reader: RangeReader, index: tuple[int, ...]) -> np.ndarray:
         n_inner = int(np.prod(self.layout.inner_grid_shape))
-        size = reader.size
         index_len = n_inner * 16 + 4
+        raw = bytearray(index_len)
+        at_start = self.layout.index_location == "start"
+        if at_start:  # read first: an object store's reader learns the size from the GET
+            self._read_index_bytes(reader, raw, 0, index)
+        size = reader.size
         if size < index_len:
             raise CorruptCheckpointError(
                 f"{self.what}: chunk {self.layout.chunk_key(index)!r} is truncated "
                 f"({size} bytes, shorter than its {index_len}-byte shard index)"
             )
-        raw = bytearray(index_len)
-        at_start = self.layout.index_location == "start"
-        self._pread_exact(reader, [raw], 0 if at_start else size - index_len, index)
+        if not at_start:
+            self._pread_exact(reader, [raw], size - index_len, index)
         self._check(memoryview(raw)[:-4], raw[-4:], index, " (shard index)")
         table = np.frombuffer(bytes(raw[:-4]), dtype="<u8").reshape(n_inner, 2)
         data_end = size if at_start else size - index_len
@@ -182,6 +185,16 @@ class ChunkReader:
                 f"data ends at {data_end})"
             )
         return table
+
+    def _read_index_bytes(
+        self, reader: RangeReader, raw: bytearray, offset: int, index: tuple[int, ...]
+    ) -> None:
+        """``raw`` from ``offset``; a short file is reported by the size check after."""
+        try:
+            self._pread_exact(reader, [raw], offset, index)
+        except CorruptCheckpointError:
+            if reader.size >= len(raw):
+                raise
 
     def read_into(self, dest: np.ndarray, dest_origin: tuple[int, ...]) -> None:
         """Fill ``dest`` (placed at array element ``dest_origin``) from the chunks."""
