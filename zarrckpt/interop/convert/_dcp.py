@@ -14,7 +14,6 @@ from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, Region
 from ...format._metadata import ArrayEntry
 from ...parallel._planning import ArrayPieces, plan_arrays
 from ...parallel._save import host_tensor
-from ...storage._paths import check_path
 from .._safetensors_io import carried_record
 from .._torchsave_source import flatten_loaded
 from ..dcp._export import save_streaming
@@ -31,6 +30,7 @@ from ._common import (
     open_checkpoint,
     threads_or_default,
 )
+from ._remote import check_paths, local_destination, local_source
 
 __all__ = ["from_dcp", "to_dcp"]
 
@@ -84,8 +84,29 @@ def from_dcp(
     -------
     ConvertResult
     """
-    src = check_path(src_dir, role="source", local_only="reading DCP checkpoints")
-    dst = check_path(dst, role="destination", storage_options=storage_options)
+    src_url, dst = check_paths(src_dir, dst, storage_options)
+    with local_source(src_url, directory=True, checkpoint=dst, overwrite=overwrite) as src:
+        return _from_dir(
+            src_url, src, dst, overwrite=overwrite, allow_pickle=allow_pickle, fsync=fsync,
+            chunk_bytes=chunk_bytes, inner_chunk_bytes=inner_chunk_bytes, threads=threads,
+            progress=progress,
+        )
+
+
+def _from_dir(
+    src_url: str,
+    src: str,
+    dst: str,
+    *,
+    overwrite: bool,
+    allow_pickle: bool,
+    fsync: bool,
+    chunk_bytes: int,
+    inner_chunk_bytes: int,
+    threads: int | None,
+    progress: ProgressFn | None,
+) -> ConvertResult:
+    """:func:`from_dcp` of the local directory ``src`` (a copy of ``src_url``)."""
     source = DcpSource(src, allow_pickle=allow_pickle)
     nodes: dict[str, dict[str, Any]] = {}
     value_tensors: dict[str, torch.Tensor] = {}
@@ -141,7 +162,7 @@ def from_dcp(
     for fqn, t in value_tensors.items():
         tensors.append(TensorSource(fqn, t.dtype, tuple(t.shape), partial(_whole, t)))
     return ingest(
-        src, dst, "dcp", tree=tree,
+        src_url, dst, "dcp", tree=tree,
         record=lambda: {"source_format": "dcp", **carried_record(source.sidecar_record())},
         tensors=tensors, pickled=pickled, blobs=blobs, overwrite=overwrite, fsync=fsync,
         chunk_bytes=chunk_bytes, inner_chunk_bytes=inner_chunk_bytes, threads=threads,
@@ -221,14 +242,17 @@ def to_dcp(
         if tensor_done:
             tracker.tensor_done()
 
-    save_streaming(
-        files,
-        dst,
-        record=carried_record(record),
-        overwrite=overwrite,
-        allow_pickle=allow_pickle,
-        fsync=fsync,
-        threads=threads_or_default(threads),
-        progress=on_chunk,
-    )
+    with local_destination(
+        dst, "DCP checkpoint", overwrite=overwrite, fsync=fsync, directory=True
+    ) as out:
+        save_streaming(
+            files,
+            out.path,
+            record=carried_record(record),
+            overwrite=out.overwrite,
+            allow_pickle=allow_pickle,
+            fsync=out.fsync,
+            threads=threads_or_default(threads),
+            progress=on_chunk,
+        )
     return ConvertResult(src_path, dst, "zarrckpt", "dcp", len(files.arrays), total)

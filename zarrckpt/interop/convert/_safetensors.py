@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -14,7 +15,7 @@ from ...errors import UnsupportedValueError
 from ...format._flatten import INLINE_BYTES_MAX
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ...format._metadata import ArrayEntry
-from ...storage._paths import check_path
+from ...parallel._reader import CheckpointFiles
 from .._safetensors_io import (
     COMPLEX128_KEY,
     RECORD_KEY,
@@ -39,6 +40,7 @@ from ._common import (
     ingest,
     open_checkpoint,
 )
+from ._remote import check_paths, local_destination, local_source
 
 __all__ = ["from_safetensors", "to_safetensors"]
 
@@ -99,9 +101,11 @@ def from_safetensors(
     zarrckpt.errors.UnsupportedValueError
         A tensor has a dtype zarrckpt cannot store.
     """
-    src = check_path(src_file, role="source", local_only="reading safetensors files")
-    dst = check_path(dst, role="destination", storage_options=storage_options)
-    with SafetensorsReader(src) as reader:
+    src_url, dst = check_paths(src_file, dst, storage_options)
+    with (
+        local_source(src_url, checkpoint=dst, overwrite=overwrite) as src,
+        SafetensorsReader(src) as reader,
+    ):
         tree, record, complex_names = read_layout(reader)
 
         def pieces(e: SafetensorsEntry, entry: ArrayEntry) -> Iterator[Piece]:
@@ -123,7 +127,7 @@ def from_safetensors(
                 dtype, shape = e.dtype, tuple(e.shape)
             tensors.append(TensorSource(name, dtype, shape, partial(pieces, e)))
         return ingest(
-            src, dst, "safetensors", tree=tree, record=record, tensors=tensors,
+            src_url, dst, "safetensors", tree=tree, record=record, tensors=tensors,
             overwrite=overwrite, fsync=fsync, chunk_bytes=chunk_bytes,
             inner_chunk_bytes=inner_chunk_bytes, threads=threads, progress=progress,
         )
@@ -182,6 +186,27 @@ def to_safetensors(
         The checkpoint stores pickled values, or ``metadata`` is not a dict of strings.
     """
     src_path, dst, files, record = open_checkpoint(src, dst_file, storage_options)
+    with local_destination(dst, "safetensors file", overwrite=overwrite, fsync=fsync) as out:
+        result = _to_file(
+            src_path, files, record, out.path, overwrite=out.overwrite, fsync=out.fsync,
+            metadata=metadata, threads=threads, progress=progress,
+        )
+    return replace(result, dst=dst)
+
+
+def _to_file(
+    src_path: str,
+    files: CheckpointFiles,
+    record: dict[str, Any],
+    dst: str,
+    *,
+    overwrite: bool,
+    fsync: bool,
+    metadata: dict[str, str] | None,
+    threads: int | None,
+    progress: ProgressFn | None,
+) -> ConvertResult:
+    """:func:`to_safetensors` into the local file ``dst``."""
     if files.pickled:
         raise UnsupportedValueError(
             f"checkpoint {src_path!r} stores pickled values ({sorted(files.pickled)[:5]}); "
