@@ -6,7 +6,6 @@ port) except for the command line, which takes the environment. Bit-exact."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,8 @@ def test_every_converter_reads_and_writes_foreign_files_on_s3(
     # local zarrckpt -> foreign file on s3 (read back with boto3 + the format's own reader)
     result = TO[fmt](ckpt, url, storage_options=opts)
     assert result.dst == url and result.tensors == len(sd)
-    _same(sd, _read_local(fmt, _fetch(s3_server, bucket, f"files/{NAMES[fmt]}", tmp_path / fmt), sd))
+    written = _fetch(s3_server, bucket, f"files/{NAMES[fmt]}", tmp_path / fmt)
+    _same(sd, _read_local(fmt, written, sd))
     if fmt == "dcp":  # its commit point is there
         assert f"files/{NAMES[fmt]}/.metadata" in _keys(s3_server, bucket)
     # foreign file on s3 -> local zarrckpt
@@ -308,3 +308,43 @@ def test_cli_converts_between_s3_urls_configured_by_the_environment(
     assert main(argv) == 2  # exists
     assert "overwrite" in capsys.readouterr().err
     assert list(tmpdir_env.iterdir()) == []
+
+
+def test_a_large_file_goes_up_in_parts_and_comes_back(
+    s3_server, tmp_path, no_env, tmpdir_env, monkeypatch
+):
+    """Above the conditional-PUT bound a file is a multipart upload of PART_BYTES parts
+    (S3's ETag of such an object ends in -<parts>); it downloads back bit-exact."""
+    from zarrckpt.storage import _remote_files
+
+    monkeypatch.setattr(_remote_files, "CREATE_PUT_MAX", 1 << 20)
+    opts = s3_server.options()
+    bucket = s3_server.new_bucket()
+    sd = {"big": random_tensor(torch.float32, (1100, 4096), seed=5), "b": torch.arange(3)}
+    zarrckpt.save(sd, tmp_path / "ck", fsync=False)
+    url = f"s3://{bucket}/big.safetensors"
+    convert.to_safetensors(tmp_path / "ck", url, storage_options=opts)
+    parts = -(-_s3(s3_server).head_object(Bucket=bucket, Key="big.safetensors")["ContentLength"]
+              // _remote_files.PART_BYTES)
+    assert parts == 3
+    etag = _s3(s3_server).head_object(Bucket=bucket, Key="big.safetensors")["ETag"]
+    assert etag.strip('"').endswith(f"-{parts}")
+    convert.from_safetensors(url, tmp_path / "back", storage_options=opts)
+    _same(sd, _load(tmp_path / "back", sd))
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_overwriting_a_dcp_prefix_leaves_no_stale_objects(s3_server, tmp_path, no_env):
+    opts = s3_server.options()
+    bucket = s3_server.new_bucket()
+    url = f"s3://{bucket}/dcp"
+    big = {f"w{i}": torch.full((4,), float(i)) for i in range(6)}
+    small = {"w0": torch.ones(2)}
+    zarrckpt.save(big, tmp_path / "big", fsync=False)
+    zarrckpt.save(small, tmp_path / "small", fsync=False)
+    convert.to_dcp(tmp_path / "big", url, storage_options=opts)
+    _s3(s3_server).put_object(Bucket=bucket, Key="dcp/stale.distcp", Body=b"x")
+    convert.to_dcp(tmp_path / "small", url, storage_options=opts, overwrite=True)
+    assert "dcp/stale.distcp" not in _keys(s3_server, bucket)
+    local = _fetch(s3_server, bucket, "dcp", tmp_path / "fetched")
+    _same(small, _read_local("dcp", local, small))

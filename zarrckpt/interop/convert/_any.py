@@ -7,7 +7,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import CheckpointNotFoundError, InvalidPathError
+from ...errors import CheckpointNotFoundError
 from ...storage._files import file_size, is_dir, is_file, is_zip_file, read_head
 from ...storage._local import is_object_url, open_store
 from ...storage._paths import check_path, make_parents
@@ -17,7 +17,7 @@ from .._staged import StagedOutput
 from ..dcp._source import is_dcp_dir
 from ._common import FORMATS, ConvertResult, PathLike, ProgressFn
 from ._dcp import from_dcp, to_dcp
-from ._remote import check_destination, scratch_dir
+from ._remote import check_destination, check_paths, scratch_dir
 from ._safetensors import from_safetensors, to_safetensors
 from ._torch import from_torch_save, to_torch_save
 
@@ -144,11 +144,6 @@ def _object_format(p: str, lower: str) -> str:
     )
 
 
-def _checked(path: PathLike, role: str, storage_options: dict[str, Any] | None) -> str:
-    p = os.fspath(path)
-    return check_path(p, role=role, storage_options=storage_options if is_object_url(p) else None)
-
-
 def _accepts(func: Callable[..., Any]) -> set[str]:
     import inspect
 
@@ -205,13 +200,7 @@ def convert(
         ``dst`` of the same format.
     """
     storage_options = options.pop("storage_options", None)
-    s = _checked(src, "source", storage_options)
-    d = _checked(dst, "destination", storage_options)
-    if storage_options is not None and not (is_object_url(s) or is_object_url(d)):
-        raise InvalidPathError(
-            f"storage_options were given, but neither {s!r} nor {d!r} is an object-store URL: "
-            "they apply only to object-store URLs (s3://...); leave storage_options=None"
-        )
+    s, d = check_paths(src, dst, storage_options)
     sf = src_format or detect_format(s)
     df = dst_format or detect_format(d, role="destination", src_format=sf)
     for name in (sf, df):

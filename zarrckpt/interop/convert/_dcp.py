@@ -68,7 +68,8 @@ def from_dcp(
     ----------
     src_dir
         A DCP checkpoint directory written with ``FileSystemWriter`` (the
-        default of ``dcp.save(..., checkpoint_id=dir)``).
+        default of ``dcp.save(..., checkpoint_id=dir)``), or a prefix holding
+        such a directory's files (``s3://bucket/dcp``).
     allow_pickle
         Read ``.metadata`` and values with plain pickle, and store values
         that are not JSON with pickle. Only for checkpoints you trust.
@@ -76,9 +77,13 @@ def from_dcp(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The DCP directory itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A DCP checkpoint on an object store
+        (every object below the prefix) is downloaded into (as a destination:
+        written into, then uploaded from, its ``.metadata`` last) a private
+        temporary directory in ``TMPDIR``, which needs room for all of it,
+        and removed afterwards.
 
     Returns
     -------
@@ -206,7 +211,11 @@ def to_dcp(
         A committed zarrckpt checkpoint whose root is a dict.
     dst_dir
         The DCP directory to create (replaced atomically with ``overwrite=True``;
-        only a DCP or zarrckpt checkpoint or an empty directory is replaced).
+        only a DCP or zarrckpt checkpoint or an empty directory is replaced), or
+        a prefix (``s3://bucket/dcp``: every file is uploaded, ``.metadata``, DCP's
+        commit point, last; with ``overwrite=True`` the old ``.metadata`` is
+        deleted first and then the old objects, so the prefix holds no loadable
+        DCP checkpoint until the upload ends: not atomic).
     allow_pickle
         Unpickle values the checkpoint stores with pickle (DCP then stores
         them with ``torch.save``).
@@ -214,9 +223,13 @@ def to_dcp(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The DCP directory itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A DCP checkpoint on an object store
+        (every object below the prefix) is downloaded into (as a destination:
+        written into, then uploaded from, its ``.metadata`` last) a private
+        temporary directory in ``TMPDIR``, which needs room for all of it,
+        and removed afterwards.
 
     Returns
     -------

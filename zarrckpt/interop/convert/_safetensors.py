@@ -81,14 +81,18 @@ def from_safetensors(
     Parameters
     ----------
     src_file
-        A ``.safetensors`` file.
+        A ``.safetensors`` file, local or an object (``s3://bucket/m.safetensors``).
     dst, overwrite, fsync, chunk_bytes, inner_chunk_bytes, threads, progress
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The safetensors file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A safetensors file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------
@@ -164,7 +168,9 @@ def to_safetensors(
     src
         A committed zarrckpt checkpoint.
     dst_file
-        The file to write (replaced atomically with ``overwrite=True``).
+        The file to write (replaced atomically with ``overwrite=True``), local
+        or an object (``s3://bucket/m.safetensors``: uploaded whole once written;
+        S3 shows a multipart upload only when it completes).
     metadata
         Extra ``__metadata__`` entries (strings); keys starting with
         ``"zarrckpt."`` are reserved.
@@ -172,9 +178,13 @@ def to_safetensors(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The safetensors file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A safetensors file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------

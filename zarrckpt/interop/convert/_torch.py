@@ -72,7 +72,7 @@ def from_torch_save(
     ----------
     src_file
         A ``torch.save`` file (zip format; the legacy pre-1.6 format is read
-        whole into memory).
+        whole into memory), local or an object (``s3://bucket/model.pt``).
     dst
         The checkpoint directory to create.
     overwrite, fsync, chunk_bytes, inner_chunk_bytes, threads
@@ -88,9 +88,13 @@ def from_torch_save(
         called from the calling thread.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The torch.save file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A torch.save file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------
@@ -195,7 +199,9 @@ def to_torch_save(
     src
         A committed zarrckpt checkpoint.
     dst_file
-        The file to write (replaced atomically with ``overwrite=True``).
+        The file to write (replaced atomically with ``overwrite=True``), local
+        or an object (``s3://bucket/model.pt``: uploaded whole once written;
+        S3 shows a multipart upload only when it completes).
     allow_pickle
         Unpickle values the checkpoint stores with pickle (they are written
         into the file's pickle). Without it such values raise
@@ -204,9 +210,13 @@ def to_torch_save(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The torch.save file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A torch.save file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------
