@@ -348,3 +348,28 @@ def test_overwriting_a_dcp_prefix_leaves_no_stale_objects(s3_server, tmp_path, n
     assert "dcp/stale.distcp" not in _keys(s3_server, bucket)
     local = _fetch(s3_server, bucket, "dcp", tmp_path / "fetched")
     _same(small, _read_local("dcp", local, small))
+
+
+class _Custom:
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def test_the_local_checks_apply_to_a_downloaded_source(s3_server, tmp_path, no_env, tmpdir_env):
+    """No unpickling without allow_pickle, a corrupt header refused; the errors name
+    the URL the local copy came from."""
+    from zarrckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+    opts = s3_server.options()
+    bucket = s3_server.new_bucket()
+    torch.save({"w": torch.ones(2), "obj": _Custom()}, tmp_path / "p.pt")
+    _put_tree(s3_server, bucket, "p.pt", tmp_path / "p.pt")
+    _s3(s3_server).put_object(Bucket=bucket, Key="bad.safetensors", Body=b"\xff" * 64)
+    with pytest.raises(UnsafeCheckpointError, match=f"s3://{bucket}/p.pt"):
+        convert.from_torch_save(f"s3://{bucket}/p.pt", tmp_path / "a", storage_options=opts)
+    with pytest.raises(CorruptCheckpointError, match=f"s3://{bucket}/bad.safetensors"):
+        convert.from_safetensors(
+            f"s3://{bucket}/bad.safetensors", tmp_path / "b", storage_options=opts
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert list(tmpdir_env.iterdir()) == []
