@@ -1,7 +1,7 @@
 """The converters with a zarrckpt checkpoint on an S3 server (moto on 127.0.0.1),
 configured by ``storage_options`` only: the environment points at a dead loopback
 port, so a converter that dropped the options would fail. Every tensor bit-exact.
-torch.save, safetensors and DCP files on object stores stay refused."""
+torch.save, safetensors and DCP files on object stores: tests/test_object_store_files.py."""
 
 from __future__ import annotations
 
@@ -98,27 +98,32 @@ def test_storage_options_without_an_object_store_side_are_refused(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
-def test_foreign_formats_on_object_stores_are_refused(s3_server, tmp_path, monkeypatch):
+def test_foreign_formats_on_object_stores_are_not_taken_for_local_paths(
+    s3_server, tmp_path, monkeypatch
+):
+    """Once refused, now converted: nothing of them lands in the working directory."""
     monkeypatch.chdir(tmp_path)  # a URL taken for a relative path would land here
     options = s3_server.options()
     torch.save(_sd(), tmp_path / "m.pt")
     url = f"s3://{s3_server.new_bucket()}"
+    ck = convert.convert(tmp_path / "m.pt", f"{url}/ck", storage_options=options).dst
     calls = {
-        "torch.save source": lambda: convert.from_torch_save(
-            f"{url}/m.pt", tmp_path / "a", storage_options=options
-        ),
         "safetensors destination": lambda: convert.convert(
             tmp_path / "m.pt", f"{url}/m.safetensors", storage_options=options
         ),
         "DCP destination": lambda: convert.convert(
-            f"{url}/ck", f"{url}/dcp", dst_format="dcp", storage_options=options
+            ck, f"{url}/dcp", dst_format="dcp", storage_options=options
         ),
         "torch.save destination": lambda: convert.to_torch_save(
-            convert.convert(tmp_path / "m.pt", f"{url}/ck", storage_options=options).dst,
-            f"{url}/m.pt",
+            ck, f"{url}/m.pt", storage_options=options
+        ),
+        "torch.save source": lambda: convert.from_torch_save(
+            f"{url}/m.pt", f"{url}/a", storage_options=options
         ),
     }
     for name, call in calls.items():
-        with pytest.raises(InvalidPathError, match="use a local path"):
-            call()
+        call()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"], name
+    out = {k: torch.zeros_like(v) for k, v in _sd().items()}
+    zarrckpt.load(out, f"{url}/a", storage_options=options)
+    _same(_sd(), out)

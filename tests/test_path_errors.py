@@ -248,33 +248,6 @@ def test_unsupported_url_schemes_are_refused_by_every_entry_point(
     assert "zarrckpt ls: error:" in err and "does not support" in err
 
 
-S3 = "s3://bucket/run/step_1"
-
-
-def _s3_local_only_calls(ckpt: str, pt: str) -> dict[str, Callable[[], Any]]:
-    """Entry points that need local paths for what is not a zarrckpt checkpoint
-    (tests/test_object_store*.py run the ones that work on S3)."""
-    return {
-        "from_torch_save_src": lambda: convert.from_torch_save("s3://b/m.pt", ckpt + "x"),
-        "to_torch_save": lambda: convert.to_torch_save(ckpt, "s3://b/m.pt"),
-        "from_safetensors": lambda: convert.from_safetensors("s3://b/m.safetensors", S3),
-        "to_safetensors": lambda: convert.to_safetensors(ckpt, "s3://b/m.safetensors"),
-        "from_dcp": lambda: convert.from_dcp("s3://b/dcp", ckpt + "y"),
-        "to_dcp": lambda: convert.to_dcp(ckpt, "s3://c/dcp"),
-    }
-
-
-def test_s3_urls_where_only_local_paths_work_are_refused(tmp_path: Any) -> None:
-    ckpt, pt = str(tmp_path / "ck"), str(tmp_path / "m.pt")
-    zarrckpt.save(sample(), ckpt, fsync=False)
-    torch.save(sample(), pt)
-    before = sorted(os.listdir(tmp_path))
-    for name, call in _s3_local_only_calls(ckpt, pt).items():
-        with pytest.raises(InvalidPathError, match="not supported yet: use a local path"):
-            call()
-        assert sorted(os.listdir(tmp_path)) == before, name
-
-
 def test_storage_options_for_a_local_path_are_refused(tmp_path: Any) -> None:
     path = tmp_path / "ck"
     options = {"anon": True}

@@ -31,7 +31,7 @@ def register_command() -> None:
         "convert",
         "convert between torch.save, DCP, safetensors and zarrckpt (streaming, any pair)",
         Arg("src", metavar="SRC", help="source: a .pt/.pth/.bin file, a .safetensors file, "
-            "a DCP directory or a zarrckpt checkpoint"),
+            "a DCP directory or a zarrckpt checkpoint (local, or an s3:// URL)"),
         Arg("dst", metavar="DST", help="destination (format from its name; a directory is "
             "zarrckpt, or DCP when SRC is zarrckpt)"),
         Arg("--from", dest="src_format", choices=FORMATS, default=None,
@@ -46,21 +46,36 @@ def register_command() -> None:
             help=f"target chunk size when writing zarrckpt (default {DEFAULT_CHUNK_BYTES})"),
         Arg("--threads", type=int, default=None, metavar="N", help="I/O threads"),
         Arg("--storage-options", default=None, metavar="JSON",
-            help="client options (a JSON object) for the side that is an s3:// URL, e.g. "
+            help="client options (a JSON object) for the side(s) that are s3:// URLs, e.g. "
             '\'{"endpoint": "http://127.0.0.1:9000", "region": "us-east-1"}\' '
             "(default: from the AWS_* environment variables)"),
     )
     def _convert_command(args: argparse.Namespace, out: Any) -> int:
         from ..interop.convert import convert, detect_format
+        from ..storage._local import is_object_url
         from . import UsageError, fmt_bytes
 
         if args.threads is not None and args.threads < 1:
             raise UsageError("--threads must be >= 1")
         if args.chunk_bytes is not None and args.chunk_bytes < 1:
             raise UsageError("--chunk-bytes must be >= 1")
+        storage_options = None
+        if args.storage_options is not None:
+            import json
+
+            try:
+                storage_options = json.loads(args.storage_options)
+            except ValueError as e:
+                raise UsageError(f"--storage-options is not valid JSON: {e}") from None
+            if not isinstance(storage_options, dict):
+                raise UsageError("--storage-options must be a JSON object ({...})")
+        src_options = storage_options if is_object_url(args.src) else None
+        dst_options = storage_options if is_object_url(args.dst) else None
         try:
-            sf = args.src_format or detect_format(args.src)
-            df = args.dst_format or detect_format(args.dst, role="destination", src_format=sf)
+            sf = args.src_format or detect_format(args.src, storage_options=src_options)
+            df = args.dst_format or detect_format(
+                args.dst, role="destination", src_format=sf, storage_options=dst_options
+            )
         except CheckpointNotFoundError as e:
             raise UsageError(str(e)) from None
         if sf == df:
@@ -74,15 +89,7 @@ def register_command() -> None:
             if "safetensors" in (sf, df) and "zarrckpt" in (sf, df):
                 raise UsageError("--allow-pickle does not apply to safetensors <-> zarrckpt")
             options["allow_pickle"] = True
-        if args.storage_options is not None:
-            import json
-
-            try:
-                storage_options = json.loads(args.storage_options)
-            except ValueError as e:
-                raise UsageError(f"--storage-options is not valid JSON: {e}") from None
-            if not isinstance(storage_options, dict):
-                raise UsageError("--storage-options must be a JSON object ({...})")
+        if storage_options is not None:
             options["storage_options"] = storage_options
         if args.chunk_bytes is not None:
             if sf == "zarrckpt":

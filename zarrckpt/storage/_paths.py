@@ -55,7 +55,6 @@ def check_path(
     *,
     storage_options: dict[str, Any] | None = None,
     role: str = "checkpoint path",
-    local_only: str | None = None,
 ) -> str:
     """``path`` as a ``str``, after refusing what zarrckpt cannot use.
 
@@ -66,15 +65,13 @@ def check_path(
     Raises
     ------
     zarrckpt.errors.InvalidPathError
-        The path is empty, is a URL of an unsupported scheme, is an
-        object-store URL where only local paths work (``local_only`` names
-        what needs a local path), or
+        The path is empty, is a URL of an unsupported scheme, or
         ``storage_options`` is given for a local path (they apply only to
         object-store URLs).
     """
     from ._object_config import OBJECT_SCHEMES, ObjectPath, parse_url
 
-    if isinstance(path, ObjectPath) and storage_options is None and not local_only:
+    if isinstance(path, ObjectPath) and storage_options is None:
         return path
     p = os.fspath(path)
     if isinstance(p, bytes):
@@ -97,12 +94,6 @@ def check_path(
                 "(S3 and S3-compatible servers), local paths: a path or file://"
             )
         parse_url(p)  # a bucket is named
-        if local_only:
-            raise InvalidPathError(
-                f"{role} {p!r} is an object-store URL, but {local_only} on object stores is "
-                "not supported yet: use a local path (copy the file or directory there first, "
-                "or upload it afterwards); zarrckpt checkpoints themselves may be s3:// URLs"
-            )
         return ObjectPath(p, storage_options)
     if storage_options is not None:
         raise InvalidPathError(

@@ -7,14 +7,17 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import CheckpointNotFoundError, InvalidPathError
+from ...errors import CheckpointNotFoundError
 from ...storage._files import file_size, is_dir, is_file, is_zip_file, read_head
 from ...storage._local import is_object_url, open_store
 from ...storage._paths import check_path, make_parents
+from ...storage._remote_files import probe
+from ...storage._remote_files import read_head as remote_head
 from .._staged import StagedOutput
 from ..dcp._source import is_dcp_dir
 from ._common import FORMATS, ConvertResult, PathLike, ProgressFn
 from ._dcp import from_dcp, to_dcp
+from ._remote import check_destination, check_paths, scratch_dir
 from ._safetensors import from_safetensors, to_safetensors
 from ._torch import from_torch_save, to_torch_save
 
@@ -34,7 +37,13 @@ def _looks_like_safetensors(path: str) -> bool:
         return False
 
 
-def detect_format(path: PathLike, *, role: str = "source", src_format: str | None = None) -> str:
+def detect_format(
+    path: PathLike,
+    *,
+    role: str = "source",
+    src_format: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """The format of ``path``: ``"torch"``, ``"dcp"``, ``"safetensors"`` or ``"zarrckpt"``.
 
     A source is recognized by its content: a zarrckpt checkpoint directory
@@ -46,12 +55,20 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
     zarrckpt checkpoint, or a DCP directory when the source is a zarrckpt
     checkpoint.
 
+    On an object store (``storage_options`` configure the client of an
+    ``s3://`` URL) the same rules hold: a prefix holding a zarrckpt checkpoint
+    (its commit marker or root ``zarr.json``) or DCP's ``.metadata`` object, an
+    object named ``.safetensors`` or ``.pt``/``.pth``/``.bin``/... , or else
+    one recognized by its first bytes (one ranged GET).
+
     Raises
     ------
     zarrckpt.errors.CheckpointNotFoundError
         A source that does not exist or is of no known format.
     """
     p = os.fspath(path)
+    if storage_options is not None and is_object_url(p):
+        p = check_path(p, role=role, storage_options=storage_options)
     lower = p.lower().rstrip("/")
     if role == "destination":
         if lower.endswith(".safetensors"):
@@ -65,6 +82,8 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
     found = _checkpoint_format(p)
     if found is not None:
         return found
+    if is_object_url(p):
+        return _object_format(p, lower)
     if is_dir(p):
         raise CheckpointNotFoundError(
             f"{p!r} is a directory but neither a zarrckpt checkpoint nor a DCP checkpoint "
@@ -85,10 +104,13 @@ def detect_format(path: PathLike, *, role: str = "source", src_format: str | Non
 
 
 def _checkpoint_format(p: str) -> str | None:
-    """``"zarrckpt"`` for an object-store URL (object stores hold zarrckpt checkpoints
-    only) or a zarrckpt checkpoint directory, ``"dcp"`` for a DCP directory, else None."""
+    """``"zarrckpt"`` for a zarrckpt checkpoint directory or prefix, ``"dcp"`` for a
+    DCP directory or prefix, else None."""
     if is_object_url(p):
-        return "zarrckpt"
+        entry = probe(p)
+        if entry.zarrckpt:
+            return "zarrckpt"
+        return "dcp" if entry.dcp else None
     if is_dir(p):
         if open_store(p).looks_like_checkpoint():
             return "zarrckpt"
@@ -97,9 +119,29 @@ def _checkpoint_format(p: str) -> str | None:
     return None
 
 
-def _checked(path: PathLike, role: str, storage_options: dict[str, Any] | None) -> str:
-    p = os.fspath(path)
-    return check_path(p, role=role, storage_options=storage_options if is_object_url(p) else None)
+def _object_format(p: str, lower: str) -> str:
+    """The format of the source ``p``, an object-store URL holding no checkpoint."""
+    entry = probe(p)
+    if entry.kind == "missing":
+        raise CheckpointNotFoundError(f"no object and no object below {str(p)!r}")
+    if entry.kind == "prefix":
+        raise CheckpointNotFoundError(
+            f"{str(p)!r} is a prefix but neither a zarrckpt checkpoint nor a DCP checkpoint "
+            "(no zarr.json manifest, no .metadata object below it)"
+        )
+    if lower.endswith(".safetensors"):
+        return "safetensors"
+    if lower.endswith(_TORCH_SUFFIXES):
+        return "torch"
+    head = remote_head(p, 9)
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= entry.size:
+        return "safetensors"
+    raise CheckpointNotFoundError(
+        f"cannot tell the format of {str(p)!r}: not a zip torch.save file, not a safetensors "
+        "file (pass src_format / --from)"
+    )
 
 
 def _accepts(func: Callable[..., Any]) -> set[str]:
@@ -140,8 +182,11 @@ def convert(
         ``allow_pickle``, ``fsync``, ``chunk_bytes``, ``threads``, ``verify``,
         ``metadata``), each passed to those that accept it; an option that
         none of them accepts raises. ``storage_options`` configure the
-        client for whichever side is an object-store URL (a zarrckpt
-        checkpoint: torch.save, safetensors and DCP files must be local).
+        client for whichever side is an object-store URL (both, when both
+        are). A torch.save, safetensors or DCP side on an object store is
+        downloaded into (or written into, then uploaded from) a temporary
+        directory in ``TMPDIR``, which needs room for it
+        (docs/object-storage.md, "Converting files on object stores").
 
     Returns
     -------
@@ -155,13 +200,7 @@ def convert(
         ``dst`` of the same format.
     """
     storage_options = options.pop("storage_options", None)
-    s = _checked(src, "source", storage_options)
-    d = _checked(dst, "destination", storage_options)
-    if storage_options is not None and not (is_object_url(s) or is_object_url(d)):
-        raise InvalidPathError(
-            f"storage_options were given, but neither {s!r} nor {d!r} is an object-store URL: "
-            "they apply only to object-store URLs (s3://...); leave storage_options=None"
-        )
+    s, d = check_paths(src, dst, storage_options)
     sf = src_format or detect_format(s)
     df = dst_format or detect_format(d, role="destination", src_format=sf)
     for name in (sf, df):
@@ -181,10 +220,6 @@ def convert(
         "dcp": to_dcp,
         "safetensors": to_safetensors,
     }
-    for path, fmt, role in ((s, sf, "source"), (d, df, "destination")):
-        if fmt != "zarrckpt" and is_object_url(path):  # refused before anything is written
-            what = f"{'reading' if role == 'source' else 'writing'} {fmt} files"
-            check_path(path, role=role, local_only=what)
     steps: list[Callable[..., ConvertResult]] = []
     if sf != "zarrckpt":
         steps.append(from_funcs[sf])
@@ -202,9 +237,23 @@ def convert(
     if len(steps) == 1:
         return steps[0](s, d, progress=progress, **pick(steps[0]))
     # two passes through a temporary zarrckpt checkpoint beside the destination
-    make_parents(d)
-    with StagedOutput(d) as staged:
-        tmp = staged.path("ckpt")
+    # (in TMPDIR for a destination on an object store, checked first)
+    if is_object_url(d):
+        what = {"torch": "torch.save file", "safetensors": "safetensors file"}.get(
+            df, "DCP checkpoint"
+        )
+        check_destination(
+            d, what, overwrite=bool(options.get("overwrite")), directory=df == "dcp"
+        )
+        scratch: Any = scratch_dir()
+    else:
+        make_parents(d)
+        scratch = StagedOutput(d)
+    with scratch as staged:
+        if isinstance(staged, StagedOutput):
+            tmp = staged.path("ckpt")
+        else:
+            tmp = os.path.join(staged, "ckpt")
 
         def phase1(bd: int, bt: int, td: int, tt: int) -> None:
             if progress is not None:

@@ -27,9 +27,9 @@ from ...format._layout import ArrayLayout
 from ...format._metadata import ArrayEntry
 from ...parallel._reader import CheckpointFiles, ReadRequest
 from ...parallel._writer import default_threads
-from ...storage._paths import check_path
 from .._formats import FORMATS
 from ._builder import CheckpointBuilder, ProgressFn, ProgressTracker
+from ._remote import check_paths
 
 __all__ = [
     "FORMATS",
@@ -203,13 +203,10 @@ def ingest(
 def open_checkpoint(
     src: PathLike, dst: PathLike, storage_options: dict[str, Any] | None = None
 ) -> tuple[str, str, CheckpointFiles, dict[str, Any]]:
-    """The checked source and destination paths, the committed source checkpoint
-    (an object-store URL with ``storage_options``) and its conversion record
-    (empty when it was not written by a converter)."""
-    src_path = check_path(src, role="source", storage_options=storage_options)
-    dst_path = check_path(
-        dst, role="destination", local_only="writing torch.save, safetensors or DCP files"
-    )
+    """The checked source and destination paths (``storage_options`` for whichever
+    is an object-store URL), the committed source checkpoint and its conversion
+    record (empty when it was not written by a converter)."""
+    src_path, dst_path = check_paths(src, dst, storage_options)
     files = CheckpointFiles(src_path)
     record = files.manifest.get(MANIFEST_MEMBER)
     return src_path, dst_path, files, record if isinstance(record, dict) else {}

@@ -14,7 +14,6 @@ from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, Region
 from ...format._metadata import ArrayEntry
 from ...parallel._planning import ArrayPieces, plan_arrays
 from ...parallel._save import host_tensor
-from ...storage._paths import check_path
 from .._safetensors_io import carried_record
 from .._torchsave_source import flatten_loaded
 from ..dcp._export import save_streaming
@@ -31,6 +30,7 @@ from ._common import (
     open_checkpoint,
     threads_or_default,
 )
+from ._remote import check_paths, local_destination, local_source
 
 __all__ = ["from_dcp", "to_dcp"]
 
@@ -68,7 +68,8 @@ def from_dcp(
     ----------
     src_dir
         A DCP checkpoint directory written with ``FileSystemWriter`` (the
-        default of ``dcp.save(..., checkpoint_id=dir)``).
+        default of ``dcp.save(..., checkpoint_id=dir)``), or a prefix holding
+        such a directory's files (``s3://bucket/dcp``).
     allow_pickle
         Read ``.metadata`` and values with plain pickle, and store values
         that are not JSON with pickle. Only for checkpoints you trust.
@@ -76,16 +77,41 @@ def from_dcp(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The DCP directory itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A DCP checkpoint on an object store
+        (every object below the prefix) is downloaded into (as a destination:
+        written into, then uploaded from, its ``.metadata`` last) a private
+        temporary directory in ``TMPDIR``, which needs room for all of it,
+        and removed afterwards.
 
     Returns
     -------
     ConvertResult
     """
-    src = check_path(src_dir, role="source", local_only="reading DCP checkpoints")
-    dst = check_path(dst, role="destination", storage_options=storage_options)
+    src_url, dst = check_paths(src_dir, dst, storage_options)
+    with local_source(src_url, directory=True, checkpoint=dst, overwrite=overwrite) as src:
+        return _from_dir(
+            src_url, src, dst, overwrite=overwrite, allow_pickle=allow_pickle, fsync=fsync,
+            chunk_bytes=chunk_bytes, inner_chunk_bytes=inner_chunk_bytes, threads=threads,
+            progress=progress,
+        )
+
+
+def _from_dir(
+    src_url: str,
+    src: str,
+    dst: str,
+    *,
+    overwrite: bool,
+    allow_pickle: bool,
+    fsync: bool,
+    chunk_bytes: int,
+    inner_chunk_bytes: int,
+    threads: int | None,
+    progress: ProgressFn | None,
+) -> ConvertResult:
+    """:func:`from_dcp` of the local directory ``src`` (a copy of ``src_url``)."""
     source = DcpSource(src, allow_pickle=allow_pickle)
     nodes: dict[str, dict[str, Any]] = {}
     value_tensors: dict[str, torch.Tensor] = {}
@@ -141,7 +167,7 @@ def from_dcp(
     for fqn, t in value_tensors.items():
         tensors.append(TensorSource(fqn, t.dtype, tuple(t.shape), partial(_whole, t)))
     return ingest(
-        src, dst, "dcp", tree=tree,
+        src_url, dst, "dcp", tree=tree,
         record=lambda: {"source_format": "dcp", **carried_record(source.sidecar_record())},
         tensors=tensors, pickled=pickled, blobs=blobs, overwrite=overwrite, fsync=fsync,
         chunk_bytes=chunk_bytes, inner_chunk_bytes=inner_chunk_bytes, threads=threads,
@@ -185,7 +211,11 @@ def to_dcp(
         A committed zarrckpt checkpoint whose root is a dict.
     dst_dir
         The DCP directory to create (replaced atomically with ``overwrite=True``;
-        only a DCP or zarrckpt checkpoint or an empty directory is replaced).
+        only a DCP or zarrckpt checkpoint or an empty directory is replaced), or
+        a prefix (``s3://bucket/dcp``: every file is uploaded, ``.metadata``, DCP's
+        commit point, last; with ``overwrite=True`` the old ``.metadata`` is
+        deleted first and then the old objects, so the prefix holds no loadable
+        DCP checkpoint until the upload ends: not atomic).
     allow_pickle
         Unpickle values the checkpoint stores with pickle (DCP then stores
         them with ``torch.save``).
@@ -193,9 +223,13 @@ def to_dcp(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The DCP directory itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A DCP checkpoint on an object store
+        (every object below the prefix) is downloaded into (as a destination:
+        written into, then uploaded from, its ``.metadata`` last) a private
+        temporary directory in ``TMPDIR``, which needs room for all of it,
+        and removed afterwards.
 
     Returns
     -------
@@ -221,14 +255,17 @@ def to_dcp(
         if tensor_done:
             tracker.tensor_done()
 
-    save_streaming(
-        files,
-        dst,
-        record=carried_record(record),
-        overwrite=overwrite,
-        allow_pickle=allow_pickle,
-        fsync=fsync,
-        threads=threads_or_default(threads),
-        progress=on_chunk,
-    )
+    with local_destination(
+        dst, "DCP checkpoint", overwrite=overwrite, fsync=fsync, directory=True
+    ) as out:
+        save_streaming(
+            files,
+            out.path,
+            record=carried_record(record),
+            overwrite=out.overwrite,
+            allow_pickle=allow_pickle,
+            fsync=out.fsync,
+            threads=threads_or_default(threads),
+            progress=on_chunk,
+        )
     return ConvertResult(src_path, dst, "zarrckpt", "dcp", len(files.arrays), total)

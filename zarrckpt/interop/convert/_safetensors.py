@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -14,7 +15,7 @@ from ...errors import UnsupportedValueError
 from ...format._flatten import INLINE_BYTES_MAX
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ...format._metadata import ArrayEntry
-from ...storage._paths import check_path
+from ...parallel._reader import CheckpointFiles
 from .._safetensors_io import (
     COMPLEX128_KEY,
     RECORD_KEY,
@@ -39,6 +40,7 @@ from ._common import (
     ingest,
     open_checkpoint,
 )
+from ._remote import check_paths, local_destination, local_source
 
 __all__ = ["from_safetensors", "to_safetensors"]
 
@@ -79,14 +81,18 @@ def from_safetensors(
     Parameters
     ----------
     src_file
-        A ``.safetensors`` file.
+        A ``.safetensors`` file, local or an object (``s3://bucket/m.safetensors``).
     dst, overwrite, fsync, chunk_bytes, inner_chunk_bytes, threads, progress
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The safetensors file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A safetensors file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------
@@ -99,9 +105,11 @@ def from_safetensors(
     zarrckpt.errors.UnsupportedValueError
         A tensor has a dtype zarrckpt cannot store.
     """
-    src = check_path(src_file, role="source", local_only="reading safetensors files")
-    dst = check_path(dst, role="destination", storage_options=storage_options)
-    with SafetensorsReader(src) as reader:
+    src_url, dst = check_paths(src_file, dst, storage_options)
+    with (
+        local_source(src_url, checkpoint=dst, overwrite=overwrite) as src,
+        SafetensorsReader(src) as reader,
+    ):
         tree, record, complex_names = read_layout(reader)
 
         def pieces(e: SafetensorsEntry, entry: ArrayEntry) -> Iterator[Piece]:
@@ -123,7 +131,7 @@ def from_safetensors(
                 dtype, shape = e.dtype, tuple(e.shape)
             tensors.append(TensorSource(name, dtype, shape, partial(pieces, e)))
         return ingest(
-            src, dst, "safetensors", tree=tree, record=record, tensors=tensors,
+            src_url, dst, "safetensors", tree=tree, record=record, tensors=tensors,
             overwrite=overwrite, fsync=fsync, chunk_bytes=chunk_bytes,
             inner_chunk_bytes=inner_chunk_bytes, threads=threads, progress=progress,
         )
@@ -160,7 +168,9 @@ def to_safetensors(
     src
         A committed zarrckpt checkpoint.
     dst_file
-        The file to write (replaced atomically with ``overwrite=True``).
+        The file to write (replaced atomically with ``overwrite=True``), local
+        or an object (``s3://bucket/m.safetensors``: uploaded whole once written;
+        S3 shows a multipart upload only when it completes).
     metadata
         Extra ``__metadata__`` entries (strings); keys starting with
         ``"zarrckpt."`` are reserved.
@@ -168,9 +178,13 @@ def to_safetensors(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The safetensors file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A safetensors file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------
@@ -182,6 +196,27 @@ def to_safetensors(
         The checkpoint stores pickled values, or ``metadata`` is not a dict of strings.
     """
     src_path, dst, files, record = open_checkpoint(src, dst_file, storage_options)
+    with local_destination(dst, "safetensors file", overwrite=overwrite, fsync=fsync) as out:
+        result = _to_file(
+            src_path, files, record, out.path, overwrite=out.overwrite, fsync=out.fsync,
+            metadata=metadata, threads=threads, progress=progress,
+        )
+    return replace(result, dst=dst)
+
+
+def _to_file(
+    src_path: str,
+    files: CheckpointFiles,
+    record: dict[str, Any],
+    dst: str,
+    *,
+    overwrite: bool,
+    fsync: bool,
+    metadata: dict[str, str] | None,
+    threads: int | None,
+    progress: ProgressFn | None,
+) -> ConvertResult:
+    """:func:`to_safetensors` into the local file ``dst``."""
     if files.pickled:
         raise UnsupportedValueError(
             f"checkpoint {src_path!r} stores pickled values ({sorted(files.pickled)[:5]}); "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -13,8 +14,8 @@ from ...errors import CorruptCheckpointError
 from ...format._dtypes import tensor_as_numpy
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ...format._metadata import ArrayEntry
+from ...parallel._reader import CheckpointFiles
 from ...parallel._save import host_tensor
-from ...storage._paths import check_path
 from .._staged import check_output_file
 from .._torchsave_source import (
     container_extras,
@@ -38,6 +39,7 @@ from ._common import (
     ingest,
     open_checkpoint,
 )
+from ._remote import check_paths, local_destination, local_source
 
 __all__ = ["from_torch_save", "to_torch_save"]
 
@@ -70,7 +72,7 @@ def from_torch_save(
     ----------
     src_file
         A ``torch.save`` file (zip format; the legacy pre-1.6 format is read
-        whole into memory).
+        whole into memory), local or an object (``s3://bucket/model.pt``).
     dst
         The checkpoint directory to create.
     overwrite, fsync, chunk_bytes, inner_chunk_bytes, threads
@@ -86,9 +88,13 @@ def from_torch_save(
         called from the calling thread.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The torch.save file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A torch.save file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------
@@ -106,8 +112,30 @@ def from_torch_save(
     zarrckpt.errors.CheckpointExistsError
         ``dst`` exists and ``overwrite`` is False.
     """
-    src = check_path(src_file, role="source", local_only="reading torch.save files")
-    dst = check_path(dst, role="destination", storage_options=storage_options)
+    src_url, dst = check_paths(src_file, dst, storage_options)
+    with local_source(src_url, checkpoint=dst, overwrite=overwrite) as src:
+        return _from_file(
+            src_url, src, dst, overwrite=overwrite, allow_pickle=allow_pickle, fsync=fsync,
+            chunk_bytes=chunk_bytes, inner_chunk_bytes=inner_chunk_bytes, threads=threads,
+            verify=verify, progress=progress,
+        )
+
+
+def _from_file(
+    src_url: str,
+    src: str,
+    dst: str,
+    *,
+    overwrite: bool,
+    allow_pickle: bool,
+    fsync: bool,
+    chunk_bytes: int,
+    inner_chunk_bytes: int,
+    threads: int | None,
+    verify: bool,
+    progress: ProgressFn | None,
+) -> ConvertResult:
+    """:func:`from_torch_save` of the local file ``src`` (a copy of ``src_url``)."""
     loaded = load_torch_file(src, allow_pickle=allow_pickle)
     refuse_modules(loaded.obj, src)
     flat = flatten_loaded(loaded.obj, allow_pickle=allow_pickle, checkpoint=dst)
@@ -137,7 +165,7 @@ def from_torch_save(
         for fqn, t in flat.tensors.items()
     ]
     return ingest(
-        src, dst, "torch", tree=flat.tree, record=record, tensors=tensors,
+        src_url, dst, "torch", tree=flat.tree, record=record, tensors=tensors,
         pickled=flat.pickled, blobs=flat.blobs, overwrite=overwrite, fsync=fsync,
         chunk_bytes=chunk_bytes, inner_chunk_bytes=inner_chunk_bytes, threads=threads,
         progress=progress,
@@ -171,7 +199,9 @@ def to_torch_save(
     src
         A committed zarrckpt checkpoint.
     dst_file
-        The file to write (replaced atomically with ``overwrite=True``).
+        The file to write (replaced atomically with ``overwrite=True``), local
+        or an object (``s3://bucket/model.pt``: uploaded whole once written;
+        S3 shows a multipart upload only when it completes).
     allow_pickle
         Unpickle values the checkpoint stores with pickle (they are written
         into the file's pickle). Without it such values raise
@@ -180,24 +210,50 @@ def to_torch_save(
         As for :func:`from_torch_save`.
 
     storage_options
-        Client options for the zarrckpt checkpoint when it is an object-store
-        URL (``s3://...``; docs/object-storage.md); None takes them from the
-        environment. The torch.save file itself must be local.
+        Client options for whichever side is an object-store URL
+        (``s3://...``; both, when both are; docs/object-storage.md); None
+        takes them from the environment. A torch.save file on an object store is
+        downloaded into (as a destination: written into, then uploaded
+        from) a private temporary directory in ``TMPDIR``, which needs room
+        for the whole file, and removed afterwards; an existing destination
+        object is refused before anything is converted unless ``overwrite``.
 
     Returns
     -------
     ConvertResult
     """
     src_path, dst, files, record = open_checkpoint(src, dst_file, storage_options)
+    with local_destination(dst, "torch.save file", overwrite=overwrite, fsync=fsync) as out:
+        result = _to_file(
+            src_path, files, record, out.path, dst, overwrite=out.overwrite, fsync=out.fsync,
+            allow_pickle=allow_pickle, threads=threads, progress=progress,
+        )
+    return replace(result, dst=dst)
+
+
+def _to_file(
+    src_path: str,
+    files: CheckpointFiles,
+    record: dict[str, Any],
+    dst: str,
+    dst_url: str,
+    *,
+    overwrite: bool,
+    fsync: bool,
+    allow_pickle: bool,
+    threads: int | None,
+    progress: ProgressFn | None,
+) -> ConvertResult:
+    """:func:`to_torch_save` into the local file ``dst`` (uploaded to ``dst_url``)."""
     check_output_file(dst, overwrite, "torch.save file")
     kept = record.get("safetensors_metadata")
     if isinstance(kept, dict) and set(kept) - {"format"}:  # "format": "pt" is boilerplate
         warnings.warn(
             f"checkpoint {src_path!r} keeps the safetensors metadata "
             f"{sorted(record['safetensors_metadata'])} of the file it came from; a torch.save "
-            f"file has no place for it, so {dst!r} does not hold it",
+            f"file has no place for it, so {dst_url!r} does not hold it",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     tied = record.get("tied")
     ties: dict[str, Any] = tied if isinstance(tied, dict) else {}
