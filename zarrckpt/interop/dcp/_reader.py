@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -34,6 +35,7 @@ from ...parallel._reader import CheckpointFiles, ReadRequest
 from ...parallel._writer import default_threads
 from ...storage._files import is_dir
 from ...storage._local import is_object_url, open_store
+from ...storage._object_config import check_world_size
 from ...storage._paths import check_path
 from .._torchsave_writer import decode_for_pickle
 from ._tree import STORAGE_TAG, DcpLeaf, dcp_leaves
@@ -199,6 +201,8 @@ class ZarrStorageReader(StorageReader):
         """Record this rank's role (the checkpoint was opened by :meth:`read_metadata`)."""
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        check_world_size(self.path, world, "dcp.load with ZarrStorageReader")
         if self._files is None:
             self._open()
 
