@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -121,27 +122,34 @@ def azurite_server() -> Iterator[AzuriteServer]:
     """Start Azurite's blob service on 127.0.0.1 (a free port) for the duration."""
     exe = azurite_blob()
     port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-         "--skipApiVersionCheck", "--silent"],
-        env=_node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
+    # its output goes to a file, not a pipe: a chatty server never blocks
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port),
+             "--inMemoryPersistence", "--skipApiVersionCheck", "--silent"],
+            env=_node_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _listening(port):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    log.seek(0)
+                    err = log.read().decode(errors="replace")
                     raise RuntimeError(f"Azurite did not start on port {port}: {err[-2000:]}")
                 time.sleep(0.1)
-        yield AzuriteServer(f"http://127.0.0.1:{port}/{ACCOUNT}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield AzuriteServer(f"http://127.0.0.1:{port}/{ACCOUNT}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -27,4 +27,23 @@ def memory_refused(rank: int, world_size: int, url: str) -> dict[str, Any]:
             errors[name] = None
         except InvalidPathError as e:
             errors[name] = str(e)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from zarrckpt import ZarrStorageReader, ZarrStorageWriter
+
+    dcp_calls = {
+        "dcp.save": lambda: dcp.save({"w": torch.ones(4)}, storage_writer=ZarrStorageWriter(url)),
+        "dcp.load": lambda: dcp.load({"w": torch.ones(4)}, storage_reader=ZarrStorageReader(url)),
+    }
+    for name, call in dcp_calls.items():
+        try:
+            call()
+            errors[name] = None
+        except InvalidPathError as e:  # raised by read_metadata, before DCP's collectives
+            errors[name] = str(e)
+        except CheckpointException as e:  # DCP gathers every rank's failure
+            failures = [f[0] for f in e.failures.values()]
+            ok = all(isinstance(f, InvalidPathError) for f in failures)
+            errors[name] = str(failures[0]) if ok and failures else repr(e)
     return {"errors": errors, "keys": ObjectStore(url).object_keys()}

@@ -114,6 +114,41 @@ def test_memory_is_shared_by_every_call_in_the_process():
     assert zarrckpt.open(f"{base}/run/step_2").read("a").tolist() == [1, 2, 3]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_plugins_manager_and_converters(backend, tmp_path):
+    """The scheme-independent entry points: dcp.save / dcp.load through the
+    plug-ins, the checkpoint manager's steps and retention, and the converters
+    (torch.save -> URL -> safetensors)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from zarrckpt import CheckpointManager, ZarrStorageReader, ZarrStorageWriter, convert
+
+    url, opts = backend.url, backend.options
+    sd = {"w": random_tensor(torch.bfloat16, (40, 3)), "i": torch.arange(9)}
+    dcp.save(sd, storage_writer=ZarrStorageWriter(f"{url}/dcp", storage_options=opts))
+    out = {"w": torch.zeros(40, 3, dtype=torch.bfloat16), "i": torch.zeros(9, dtype=torch.long)}
+    dcp.load(out, storage_reader=ZarrStorageReader(f"{url}/dcp", storage_options=opts))
+    assert_bits_equal(sd["w"], out["w"])
+    assert_bits_equal(sd["i"], out["i"])
+
+    manager = CheckpointManager(f"{url}/run", keep_last=2, storage_options=opts)
+    for step in (1, 2, 3):
+        manager.save(step, {"w": torch.full((4,), float(step))})
+    manager.close()
+    assert manager.all_steps() == [2, 3]
+    state = {"w": torch.zeros(4)}
+    assert manager.restore(state) == 3 and state["w"].tolist() == [3.0] * 4
+
+    pt, st = tmp_path / "m.pt", tmp_path / "m.safetensors"
+    torch.save(sd, pt)
+    convert.convert(str(pt), f"{url}/conv", storage_options=opts)
+    convert.convert(f"{url}/conv", str(st), storage_options=opts)
+    back = load_file(str(st))
+    assert_bits_equal(sd["w"], back["w"])
+    assert_bits_equal(sd["i"], back["i"])
+
+
 # ----------------------------------------------------------------- az:// only
 
 
@@ -239,13 +274,15 @@ def test_plain_zarr_reads_every_array_from_az(azure_server, az_url):
 
 
 def test_memory_refused_for_several_ranks():
-    """Each rank's memory:// store is its own: save, async_save and load on 2
-    ranks raise InvalidPathError on every rank before anything is written."""
+    """Each rank's memory:// store is its own: save, async_save, load and the DCP
+    plug-ins on 2 ranks raise InvalidPathError on every rank before anything is
+    written."""
     from _scheme_cases import memory_refused
 
     results = run_distributed(memory_refused, 2, "memory://shared/ckpt")
     for result in results:
         assert result["keys"] == []
+        assert len(result["errors"]) == 5
         for name, error in result["errors"].items():
             assert error is not None and "2 processes" in error, (name, error)
 
@@ -272,9 +309,20 @@ def test_invalid_urls_and_options(path, options, match):
         zarrckpt.save({"a": torch.ones(1)}, path, storage_options=options)
 
 
+def test_missing_azurite_fails_on_ci(tmp_path, monkeypatch):
+    """On CI the Azure tests fail (never skip, never install) without Azurite."""
+    import _azure
+
+    monkeypatch.setattr(_azure, "AZURITE_DIR", str(tmp_path / "none"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(RuntimeError, match="run `make install`"):
+        _azure.azurite_blob()
+
+
 def test_makefile_installs_the_azurite_the_tests_pin():
     from _azure import AZURITE_VERSION
 
-    makefile = open(os.path.join(os.path.dirname(__file__), "..", "Makefile")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "Makefile")) as f:
+        makefile = f.read()
     assert re.search(rf"^AZURITE_VERSION\s*:?=\s*{re.escape(AZURITE_VERSION)}$", makefile, re.M)
     assert "azurite@$(AZURITE_VERSION)" in makefile

@@ -136,6 +136,8 @@ class ZarrStorageReader(StorageReader):
         self._leaves = {}
 
     def _open(self) -> CheckpointFiles:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        check_world_size(self.path, world, "dcp.load with ZarrStorageReader")
         files = CheckpointFiles(self.path)
         self._leaves = {leaf.key: leaf for leaf in dcp_leaves(files.tree, checkpoint=self.path)}
         self._files = files
@@ -201,8 +203,6 @@ class ZarrStorageReader(StorageReader):
         """Record this rank's role (the checkpoint was opened by :meth:`read_metadata`)."""
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        check_world_size(self.path, world, "dcp.load with ZarrStorageReader")
         if self._files is None:
             self._open()
 
