@@ -39,10 +39,9 @@ _AZURE_SCHEMES = ("az", "azure", "abfs", "abfss")
 UNSUPPORTED_SCHEMES = {
     scheme: (
         "Google Cloud Storage (gs://) is not supported yet: there is no loopback GCS "
-        "server on PyPI that serves obstore's GCS requests (XML API uploads), so it "
-        "cannot be tested; GCS's S3-compatible XML API may work through an s3:// URL "
-        "with endpoint 'https://storage.googleapis.com' and HMAC keys (untested: "
-        "docs/object-storage.md)"
+        "server on PyPI that accepts obstore's GCS uploads, so it cannot be tested "
+        "(docs/object-storage.md, 'URLs and options'); supported object-store URLs: "
+        "s3://, az://, memory://"
     )
     for scheme in ("gs", "gcs")
 }
