@@ -222,6 +222,21 @@ def test_az_connection_string_option_and_environment(azure_server, az_url, monke
     assert out["a"].tolist() == [0, 1, 2, 3]
 
 
+def test_abfs_url_names_the_account(azure_server, az_url):
+    """``abfs://container@account.dfs.core.windows.net/prefix``: the account comes
+    from the URL; the same checkpoint is read back through its az:// URL."""
+    from _azure import ACCOUNT
+
+    container, prefix = az_url[len("az://"):].split("/", 1)
+    url = f"abfs://{container}@{ACCOUNT}.dfs.core.windows.net/{prefix}"
+    opts = azure_server.options()
+    del opts["account_name"]
+    zarrckpt.save({"a": torch.arange(5)}, url, storage_options=opts)
+    assert zarrckpt.open(az_url, storage_options=azure_server.options()).read("a").tolist() == [
+        0, 1, 2, 3, 4
+    ]
+
+
 @pytest.mark.slow
 def test_az_reshard_fsdp2_ws2_to_one_process(azure_server, az_url, tmp_path):
     opts, ref = azure_server.options(), str(tmp_path / "fsdp2.pt")

@@ -108,9 +108,11 @@ def save(
         deleted (its commit marker first) before the new one is written
         (docs/object-storage.md).
     storage_options
-        Object-store client options for ``s3://`` URLs (endpoint, region,
-        credentials, retries: docs/object-storage.md); must be None for local
-        paths.
+        Object-store client options for ``s3://`` and ``az://`` URLs
+        (endpoint, region, account, credentials, retries:
+        docs/object-storage.md); must be None for local paths. A
+        ``memory://`` URL serves one process only: with several ranks it
+        raises :class:`~zarrckpt.errors.InvalidPathError`.
     allow_pickle
         Store leaves that are neither tensors nor JSON values with pickle.
         Without it such leaves raise :class:`~zarrckpt.errors.UnsafeCheckpointError`.
@@ -342,7 +344,7 @@ def load(
         ``missing_keys``, except meta-device tensors, which have no values to
         keep: they always raise.
     storage_options
-        Object-store client options for ``s3://`` URLs (docs/object-storage.md);
+        Object-store client options for ``s3://`` / ``az://`` URLs (docs/object-storage.md);
         must be None for local paths.
     allow_pickle
         Allow loading a checkpoint that holds pickled objects (never for
