@@ -104,6 +104,25 @@ def test_overwrite_replaces_everything_and_refuses_without_flag(backend):
     assert_bits_equal(new["same"], ck.read("same"))
 
 
+def test_commit_marker_is_a_conditional_create(backend, monkeypatch):
+    """A save that finds a marker written by another save since it started does
+    not replace it (the marker PUT is a conditional create on every scheme)."""
+    import obstore
+
+    from zarrckpt.format._marker import COMMIT_MARKER
+    from zarrckpt.storage import _object_staging
+
+    real = _object_staging.ObjectStaging.commit
+
+    def commit(self, *args, **kwargs):
+        obstore.put(self.store.client, self.store.full_key(COMMIT_MARKER), b"theirs")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_object_staging.ObjectStaging, "commit", commit)
+    with pytest.raises(CheckpointExistsError, match="another save committed"):
+        zarrckpt.save({"a": torch.ones(3)}, backend.url, storage_options=backend.options)
+
+
 def test_memory_is_shared_by_every_call_in_the_process():
     """One in-memory store per process: a checkpoint saved with one call is seen by
     open, load and the manager-style listing of its parent in later calls."""
