@@ -257,8 +257,8 @@ class FaultyStore(Store):
     def check_writable(self, *, overwrite: bool) -> None:
         self.inner.check_writable(overwrite=overwrite)
 
-    def stage(self) -> Staging:
-        return FaultyStaging(self.inner.stage(), self.injector)
+    def stage(self, *, overwrite: bool = False) -> Staging:
+        return FaultyStaging(self.inner.stage(overwrite=overwrite), self.injector)
 
     def attach(self, token: str, *, rank: int = 0) -> Staging:
         return FaultyStaging(self.inner.attach(token, rank=rank), self.injector)

@@ -31,7 +31,7 @@ def register_command() -> None:
         "convert",
         "convert between torch.save, DCP, safetensors and zarrckpt (streaming, any pair)",
         Arg("src", metavar="SRC", help="source: a .pt/.pth/.bin file, a .safetensors file, "
-            "a DCP directory or a zarrckpt checkpoint (local, or an s3:// URL)"),
+            "a DCP directory or a zarrckpt checkpoint (local, or an s3:// or az:// URL)"),
         Arg("dst", metavar="DST", help="destination (format from its name; a directory is "
             "zarrckpt, or DCP when SRC is zarrckpt)"),
         Arg("--from", dest="src_format", choices=FORMATS, default=None,
@@ -46,9 +46,9 @@ def register_command() -> None:
             help=f"target chunk size when writing zarrckpt (default {DEFAULT_CHUNK_BYTES})"),
         Arg("--threads", type=int, default=None, metavar="N", help="I/O threads"),
         Arg("--storage-options", default=None, metavar="JSON",
-            help="client options (a JSON object) for the side(s) that are s3:// URLs, e.g. "
-            '\'{"endpoint": "http://127.0.0.1:9000", "region": "us-east-1"}\' '
-            "(default: from the AWS_* environment variables)"),
+            help="client options (a JSON object) for the side(s) that are object-store URLs, "
+            'e.g. \'{"endpoint": "http://127.0.0.1:9000", "region": "us-east-1"}\' '
+            "(default: from the AWS_* / AZURE_STORAGE_* environment variables)"),
     )
     def _convert_command(args: argparse.Namespace, out: Any) -> int:
         from ..interop.convert import convert, detect_format

@@ -364,7 +364,7 @@ def save_collective(
         if not comm.is_coordinator:
             return None
         store.check_writable(overwrite=options.overwrite)
-        created.append(store.stage())
+        created.append(store.stage(overwrite=options.overwrite))
         return created[0].token
 
     token = comm.broadcast(

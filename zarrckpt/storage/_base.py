@@ -353,8 +353,11 @@ class Store(ABC):
         (raises :class:`~zarrckpt.errors.CheckpointExistsError`); prepare a new one."""
 
     @abstractmethod
-    def stage(self) -> Staging:
-        """Create a new staging for a save to this location."""
+    def stage(self, *, overwrite: bool = False) -> Staging:
+        """Create a new staging for a save to this location (after
+        :meth:`check_writable` with the same ``overwrite``; a store without rename
+        checks again once the save has claimed the location, see
+        :meth:`ObjectStore.stage <zarrckpt.storage._object.ObjectStore.stage>`)."""
 
     @abstractmethod
     def attach(self, token: str, *, rank: int = 0) -> Staging:

@@ -287,10 +287,11 @@ class LocalStore(Store):
         parent, name = os.path.split(os.path.abspath(self.path))
         return parent, f".{name}{STAGING_INFIX}"
 
-    def stage(self) -> LocalStaging:
+    def stage(self, *, overwrite: bool = False) -> LocalStaging:
         """Create a fresh staging directory beside the path, owned by this process
         until it is published or aborted (:mod:`~zarrckpt.storage._liveness`), after
-        removing the stagings of dead saves to the path."""
+        removing the stagings of dead saves to the path. (``overwrite`` is decided
+        at publication, by an atomic rename.)"""
         _liveness.remove_stale(self.stale_stagings())
         parent, prefix = self._staging_prefix()
         directory = os.path.join(parent, f"{prefix}{uuid.uuid4().hex[:12]}")

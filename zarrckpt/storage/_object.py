@@ -331,13 +331,27 @@ class ObjectStore(Store):
             batch = [self.full_key(k) for k in keys[i : i + 1000]]
             self.call("DELETE", keys[i], functools.partial(obstore.delete, self.client, batch))
 
-    def stage(self) -> ObjectStaging:
-        """Clear the prefix (the marker first) and record the save."""
-        if self.exists(COMMIT_MARKER):
-            self._delete([COMMIT_MARKER])
-        self._delete(self.object_keys())
+    def stage(self, *, overwrite: bool = False) -> ObjectStaging:
+        """Claim the prefix with this save's record, then clear it (the marker first).
+
+        The record is written before anything is deleted, and without
+        ``overwrite`` the marker is checked again after it: a save that committed
+        since :meth:`check_writable` is then never deleted; and one that commits
+        later finds the record replaced (:meth:`ObjectStaging.commit` checks it
+        after writing its marker) and raises instead of reporting a checkpoint
+        this save is about to delete.
+        """
         staging = ObjectStaging(self, uuid.uuid4().hex)
         staging.write_small(SAVE_RECORD, json_bytes({"save_id": staging.save_id}))
+        if self.exists(COMMIT_MARKER):
+            if not overwrite:
+                staging.release()
+                raise CheckpointExistsError(
+                    f"checkpoint path {self.path!r} already exists: another save committed "
+                    "there just before this one started (overwrite=False); nothing was written"
+                )
+            self._delete([COMMIT_MARKER])
+        self._delete([k for k in self.object_keys() if k != SAVE_RECORD])
         return staging
 
     def attach(self, token: str, *, rank: int = 0) -> ObjectStaging:

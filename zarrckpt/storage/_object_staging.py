@@ -148,8 +148,24 @@ class ObjectStaging(Staging):
                 f"checkpoint path {self.store.path!r} already exists: another save committed "
                 "there while this one was being written (overwrite=False)"
             ) from None
-        store = self.store
-        store._delete([SAVE_RECORD])
+        try:
+            self._still_ours()
+        except CheckpointExistsError:
+            # a save that started meanwhile owns the prefix and clears it: this
+            # checkpoint may be deleted any moment, so it is not reported as saved
+            raise CheckpointExistsError(
+                f"checkpoint path {self.store.path!r}: another save to it started while "
+                "this one was committing and replaces it; this save is not committed"
+            ) from None
+        self.store._delete([SAVE_RECORD])
+
+    def release(self) -> None:
+        """Delete this save's record if it is still the prefix's (nothing else)."""
+        try:
+            self._still_ours()
+        except CheckpointExistsError:
+            return
+        self.store._delete([SAVE_RECORD])
 
     def publish(self, *, overwrite: bool, fsync: bool) -> None:
         """Upload the local directory's files below the prefix."""

@@ -56,10 +56,11 @@ def detect_format(
     checkpoint.
 
     On an object store (``storage_options`` configure the client of an
-    ``s3://`` URL) the same rules hold: a prefix holding a zarrckpt checkpoint
-    (its commit marker or root ``zarr.json``) or DCP's ``.metadata`` object, an
-    object named ``.safetensors`` or ``.pt``/``.pth``/``.bin``/... , or else
-    one recognized by its first bytes (one ranged GET).
+    ``s3://``, ``az://`` or ``memory://`` URL) the same rules hold: a prefix
+    holding a zarrckpt checkpoint (its commit marker or root ``zarr.json``) or
+    DCP's ``.metadata`` object, an object named ``.safetensors`` or
+    ``.pt``/``.pth``/``.bin``/... , or else one recognized by its first bytes
+    (one ranged GET).
 
     Raises
     ------

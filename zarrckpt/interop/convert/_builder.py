@@ -103,7 +103,7 @@ class CheckpointBuilder:
         self.threads = max(1, threads)
         self.store = open_store(path)
         self.store.check_writable(overwrite=overwrite)
-        self.staging = self.store.stage()
+        self.staging = self.store.stage(overwrite=overwrite)
         self.entries: list[ArrayEntry] = []
         self._paths: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zarrckpt-convert")

@@ -57,7 +57,10 @@ def open_staging(
             store.check_writable(overwrite=overwrite)
         except CheckpointExistsError as e:
             raise CheckpointExistsError(f"{DCP_EXISTS} zarrckpt: {e}") from None
-        staging = store.stage()
+        try:
+            staging = store.stage(overwrite=overwrite)
+        except CheckpointExistsError as e:
+            raise CheckpointExistsError(f"{DCP_EXISTS} zarrckpt: {e}") from None
         return "object", staging.token, staging
     mode = choose_target(path, overwrite=overwrite)
     if mode == "in place":
