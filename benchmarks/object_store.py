@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.object_store [--quick | --tiny] [--latency-ms MS] [--out DIR]``
 
-Starts moto's ``ThreadedMotoServer`` on 127.0.0.1 and a counting HTTP proxy in
+Starts moto's S3 server on 127.0.0.1 (its own process) and a counting HTTP proxy in
 front of it (moto keeps no request counter one can trust), then saves and
 loads the same state dicts, in the same run, with:
 
@@ -27,7 +27,6 @@ in the proxy, so that how many requests a system keeps in flight shows.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import statistics
@@ -112,32 +111,53 @@ class CountingProxy:
         self.server.server_close()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextmanager
 def s3_endpoint(latency: float = 0.0) -> Iterator[CountingProxy]:
-    """moto on 127.0.0.1 behind a :class:`CountingProxy` adding ``latency`` seconds
-    to every request; a bucket ``bench`` exists."""
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    from moto.server import ThreadedMotoServer
+    """moto on 127.0.0.1, in a process of its own (its Python work does not hold
+    this process's GIL), behind a :class:`CountingProxy` adding ``latency``
+    seconds to every request; a bucket ``bench`` exists."""
+    import subprocess
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    proxy = CountingProxy(f"{host}:{port}", latency)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proxy = None
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto's server did not start") from None
+                time.sleep(0.1)
+        proxy = CountingProxy(f"127.0.0.1:{port}", latency)
         import boto3
 
         boto3.client(
             "s3",
-            endpoint_url=f"http://{host}:{port}",
+            endpoint_url=f"http://127.0.0.1:{port}",
             aws_access_key_id=_KEY,
             aws_secret_access_key=_SECRET,
             region_name=_REGION,
         ).create_bucket(Bucket="bench")
         yield proxy
     finally:
-        proxy.close()
-        server.stop()
+        if proxy is not None:
+            proxy.close()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ------------------------------------------------------------------ data
