@@ -111,3 +111,30 @@ def test_plain_zarr_reads_every_array_from_s3(s3_server, s3_url):
     for k, v in sd.items():
         dtype, shape, sha = digest(v)
         assert out[k][1:] == [list(shape), sha], k
+
+
+def test_diff_between_object_store_and_local_checkpoints(s3_server, s3_url, tmp_path):
+    opts = s3_server.options()
+    a = {"w": torch.ones(30, 4), "b": torch.arange(5), "step": 1}
+    b = {"w": torch.ones(30, 4), "b": torch.arange(5) + 1, "step": 2, "new": torch.zeros(2)}
+    zarrckpt.save(a, f"{s3_url}/a", storage_options=opts)
+    zarrckpt.save(b, f"{s3_url}/b", storage_options=opts)
+    zarrckpt.save(b, str(tmp_path / "b"))
+    remote_b = zarrckpt.open(f"{s3_url}/b", storage_options=opts)
+    for other in (remote_b, str(tmp_path / "b")):
+        report = zarrckpt.open(f"{s3_url}/a", storage_options=opts).diff(other)
+        assert not report.identical
+        assert report.added == ["new"]
+        assert sorted(report.values_changed) == ["step"]
+        assert report.changed == ["b"]
+    assert zarrckpt.open(str(tmp_path / "b")).diff(remote_b).identical
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "zarrckpt", "diff", f"{s3_url}/a", f"{s3_url}/b"],
+        env=_env(s3_server),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]  # exit code 1: they differ
+    assert "new" in proc.stdout and "step" in proc.stdout and "b" in proc.stdout

@@ -102,3 +102,19 @@ def test_small_objects_go_up_and_down_many_at_once(s3_server, s3_url, proxy):
     assert proxy.max_in_flight >= 8, proxy.max_in_flight
     for k in sd:
         assert_bits_equal(sd[k], out[k], k)
+
+
+def test_consecutive_inner_chunks_are_read_with_one_ranged_get(s3_server, s3_url, proxy):
+    """A piece object of 8 inner chunks of 1 MiB: its index, then one GET for all
+    eight (coalesced ranges), not one per inner chunk."""
+    opts = s3_server.options(endpoint=proxy.endpoint)
+    bucket, prefix = s3_url.removeprefix("s3://").split("/", 1)
+    w = torch.randn(2048, 1024, generator=torch.Generator().manual_seed(5))  # 8 MiB
+    zarrckpt.save({"w": w}, s3_url, storage_options=opts)
+    proxy.reset_counts()
+    out = {"w": torch.zeros_like(w)}
+    zarrckpt.load(out, s3_url, storage_options=opts)
+    assert_bits_equal(w, out["w"])
+    loaded = _kinds(proxy.log, bucket, prefix)
+    chunk_gets = {k: v for k, v in loaded.items() if k[0] == "GET" and "/c." in k[1]}
+    assert chunk_gets == {("GET", "w/c.N.N"): 2}, loaded  # the shard index, then the data

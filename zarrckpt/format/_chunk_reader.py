@@ -30,7 +30,8 @@ _READ_GROUP_BYTES = 1 << 20
 
 
 class RangeReader(Protocol):
-    """One stored object open for positional reads (see :class:`zarrckpt.storage.RangeReader`)."""
+    """One stored object open for positional reads (see :class:`zarrckpt.storage.RangeReader`;
+    its ``read_group_bytes``, when it has one, sizes the reads of consecutive ranges)."""
 
     @property
     def size(self) -> int: ...
@@ -318,7 +319,8 @@ class ChunkReader:
     ) -> None:
         """Read row-slab inner chunks ``first, first + 1, ...`` of a chunk straight into
         ``slabs`` (see :func:`_row_slabs`): runs of inner chunks stored back to back are
-        read with one ``preadv`` of about ``_READ_GROUP_BYTES`` and verified right after;
+        read with one ``preadv`` of about ``reader.read_group_bytes`` (one ranged GET on
+        an object store) and verified right after;
         a last slab cut short (the end of the array or of the needed rows) goes through
         a scratch buffer."""
         layout = self.layout
@@ -337,7 +339,8 @@ class ChunkReader:
             self._inner_error(index, first + int(np.argmax(bad)), table)
         offsets = [int(x) for x in offs[:n_full]]
         base = layout.crc_position(index) + first
-        per_group = max(1, min(_IOV_MAX // 2, _READ_GROUP_BYTES // max(1, slab)))
+        group_bytes = getattr(reader, "read_group_bytes", _READ_GROUP_BYTES)
+        per_group = max(1, min(_IOV_MAX // 2, group_bytes // max(1, slab)))
         crcs = bytearray(4 * per_group)
         crc_view = memoryview(crcs)
         k = 0
