@@ -118,3 +118,19 @@ def test_consecutive_inner_chunks_are_read_with_one_ranged_get(s3_server, s3_url
     loaded = _kinds(proxy.log, bucket, prefix)
     chunk_gets = {k: v for k, v in loaded.items() if k[0] == "GET" and "/c." in k[1]}
     assert chunk_gets == {("GET", "w/c.N.N"): 2}, loaded  # the shard index, then the data
+
+
+def test_a_large_piece_goes_up_in_parts_streamed_from_its_buffers(s3_server, s3_url, proxy):
+    """A 20 MiB piece (shard index, 20 inner chunks and their crc32c: many buffers)
+    is uploaded as a multipart upload fed from those buffers, and reads back
+    bit-exact."""
+    opts = s3_server.options(endpoint=proxy.endpoint)
+    w = torch.randn(5120, 1024, generator=torch.Generator().manual_seed(6))  # 20 MiB
+    zarrckpt.save({"w": w}, s3_url, storage_options=opts)
+    posts = [p for m, p in proxy.log if m == "POST" and p.endswith("/w/c.0.0")]
+    parts = [p for m, p in proxy.log if m == "PUT" and p.endswith("/w/c.0.0")]
+    assert len(posts) == 2  # initiate and complete
+    assert len(parts) >= 3  # 8 MiB parts
+    out = {"w": torch.zeros_like(w)}
+    zarrckpt.load(out, s3_url, storage_options=opts)
+    assert_bits_equal(w, out["w"])

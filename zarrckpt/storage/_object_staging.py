@@ -69,14 +69,16 @@ class ObjectStaging(Staging):
         """Nothing to do: object stores have no directories."""
 
     def _put(self, key: str, data: Any, *, create: bool = False) -> None:
-        """PUT ``data`` (a buffer or a local file) at ``key``: in parts when large;
-        with ``create`` only if no object is there (else ``AlreadyExistsError``)."""
+        """PUT ``data`` (a buffer, a list of buffers or a local file) at ``key``: in
+        parts when large (a list always: its buffers are streamed into the parts,
+        never joined); with ``create`` only if no object is there (else
+        ``AlreadyExistsError``)."""
         import obstore
 
         store = self.store
         if isinstance(data, str):
             data = Path(data)
-        multipart = isinstance(data, Path) or memoryview(data).nbytes >= MULTIPART_BYTES
+        multipart = isinstance(data, (Path, list)) or memoryview(data).nbytes >= MULTIPART_BYTES
         store.call(
             "PUT",
             key,
@@ -96,9 +98,14 @@ class ObjectStaging(Staging):
 
     def write_chunk(self, key: str, buffers: list[Any], *, writeback: bool = False) -> int:
         views = [memoryview(b).cast("B") for b in buffers]
-        data = views[0] if len(views) == 1 else b"".join(views)
-        self._put(key, data)
-        return memoryview(data).nbytes
+        nbytes = sum(v.nbytes for v in views)
+        if len(views) > 1 and nbytes >= MULTIPART_BYTES:
+            # a large piece (shard index, inner chunks and their crc32c) goes up in
+            # parts filled from its buffers: no copy of the whole piece in memory
+            self._put(key, views)
+        else:
+            self._put(key, views[0] if len(views) == 1 else b"".join(views))
+        return nbytes
 
     def write_chunk_at(
         self, key: str, offset: int, buffers: list[Any], *, writeback: bool = False
