@@ -332,7 +332,9 @@ def load(
         The target: its keys choose what is loaded. Stored keys it lacks are
         not loaded (listed in ``unexpected_keys``).
     path
-        Checkpoint directory, or a ``torch.save`` or safetensors file.
+        Checkpoint directory, or a ``torch.save`` or safetensors file; or an
+        object-store URL of either (``s3://bucket/model.safetensors``: read by
+        ranged GETs, each rank its own rows; docs/object-storage.md).
     process_group
         Group of the ranks taking part (default: the default group if initialized).
     strict
@@ -383,7 +385,8 @@ def load(
         # a single file (torch.save / safetensors) is read through a memory map
         store = open_store(path)
         files = (
-            _file_source_opener()(store.location(), allow_pickle=allow_pickle)
+            # a local path, or the URL with its storage_options
+            _file_source_opener()(store.path, allow_pickle=allow_pickle)
             if store.kind() == "file"
             else CheckpointFiles(store)
         )

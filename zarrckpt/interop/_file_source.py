@@ -19,8 +19,13 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..format._dtypes import numpy_as_tensor
 from ..format._flatten import FlatState
-from ..storage._files import is_zip_file, read_head
+from ..storage._files import is_zip_file, make_temp_dir, read_head
+from ..storage._local import is_object_url
+from ..storage._posix import remove_tree
+from ..storage._remote_files import download
+from ..storage._remote_files import read_head as read_remote_head
 from ._safetensors_io import SafetensorsReader, read_layout
+from ._safetensors_remote import RemoteSafetensorsFile
 from ._torchsave_source import FileSource, TorchSaveFile
 
 __all__ = ["SafetensorsFile", "TorchSaveFile", "open_file_source"]
@@ -73,14 +78,41 @@ def _is_legacy_torch_save(path: str) -> bool:
     return head[:1] == b"\x80" and _LEGACY_MAGIC in head
 
 
+def _open_remote(url: str, *, allow_pickle: bool) -> Any:
+    """The load source for an object: a safetensors object read by ranged GETs, a
+    torch.save object through a local copy (``torch.load`` maps a local file), which
+    is deleted once mapped (the map keeps its pages)."""
+    head = read_remote_head(url, 32)
+    if url.lower().endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
+        return RemoteSafetensorsFile(url)
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and _LEGACY_MAGIC in head):
+        tmp = make_temp_dir("zarrckpt-load-")
+        try:
+            local = f"{tmp}/{url.rstrip('/').rsplit('/', 1)[-1] or 'object'}"
+            download(url, None, local)
+            source = TorchSaveFile(local, allow_pickle=allow_pickle)
+        finally:
+            remove_tree(tmp)
+        source.path = url
+        return source
+    raise CorruptCheckpointError(
+        f"{url!r} is an object but neither a torch.save file nor a safetensors file (it "
+        f"starts with bytes {head[:8].hex(' ') or '(none: it is empty)'}; or it is "
+        "damaged), and a zarrckpt checkpoint is a prefix: zarrckpt.load reads those three"
+    )
+
+
 def open_file_source(path: str, *, allow_pickle: bool) -> Any:
-    """The load source for a single file: a ``torch.save`` file or a safetensors file.
+    """The load source for a single file (or object-store object): a ``torch.save``
+    file or a safetensors file.
 
     Raises
     ------
     zarrckpt.errors.CorruptCheckpointError
         The file is neither.
     """
+    if is_object_url(path):
+        return _open_remote(path, allow_pickle=allow_pickle)
     if is_zip_file(path):
         return TorchSaveFile(path, allow_pickle=allow_pickle)
     if _is_safetensors(path):

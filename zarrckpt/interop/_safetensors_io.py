@@ -19,7 +19,7 @@ import mmap
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,8 +32,10 @@ __all__ = [
     "DTYPES",
     "MAX_HEADER",
     "SafetensorsEntry",
+    "SafetensorsHeader",
     "SafetensorsReader",
     "carried_record",
+    "parse_header",
     "read_layout",
     "write_safetensors",
 ]
@@ -84,6 +86,76 @@ class SafetensorsEntry:
         return self.end - self.begin
 
 
+def parse_header(
+    path: str, size: int, read: Callable[[int, int], bytes]
+) -> tuple[dict[str, str], dict[str, SafetensorsEntry]]:
+    """``(__metadata__, {name: entry})`` of the safetensors file ``path`` of ``size``
+    bytes, whose bytes ``read(offset, n)`` returns (fewer at its end).
+
+    Raises
+    ------
+    CorruptCheckpointError
+        The header is malformed or offsets are inconsistent.
+    UnsupportedValueError
+        A dtype zarrckpt does not convert.
+    """
+
+    def corrupt(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"safetensors file {path!r}: {what}")
+
+    head = read(0, 8)
+    if len(head) < 8:
+        raise corrupt("shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise corrupt(f"header length {n} exceeds the file ({size} bytes)")
+    raw = read(8, n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise corrupt(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise corrupt("__metadata__ is not an object of strings")
+    base = 8 + n
+    entries: dict[str, SafetensorsEntry] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype_name = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"header record of {name!r} is malformed: {info!r}") from None
+        if dtype_name not in DTYPES:
+            raise UnsupportedValueError(
+                f"tensor {name!r} of safetensors file {path!r} has dtype {dtype_name!r}; "
+                f"zarrckpt converts {sorted(DTYPES)}"
+            )
+        dtype = DTYPES[dtype_name]
+        expected = BY_TORCH[dtype].numpy_dtype.itemsize
+        for s in shape:
+            expected *= s
+        if any(s < 0 for s in shape) or end - begin != expected or begin < 0:
+            raise corrupt(
+                f"tensor {name!r} ({dtype_name} {list(shape)}) has data_offsets "
+                f"[{begin}, {end}], expected {expected} bytes"
+            )
+        if base + end > size:
+            raise corrupt(f"tensor {name!r} ends past the end of the file")
+        entries[name] = SafetensorsEntry(name, dtype, shape, base + begin, base + end)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:], strict=False):
+        if begin1 < end0:
+            raise corrupt(f"tensors {name0!r} and {name1!r} overlap")
+    return metadata, entries
+
+
 class SafetensorsReader:
     """A safetensors file opened for reading through a read-only memory map.
 
@@ -106,65 +178,17 @@ class SafetensorsReader:
             raise CheckpointNotFoundError(f"no safetensors file at {path!r}")
         size = file_size(path)
         with open_read(path) as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise self._corrupt("shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise self._corrupt(f"header length {n} exceeds the file ({size} bytes)")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise self._corrupt(f"header is not JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise self._corrupt("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-        ):
-            raise self._corrupt("__metadata__ is not an object of strings")
-        self.metadata: dict[str, str] = metadata
-        base = 8 + n
-        self.entries: dict[str, SafetensorsEntry] = {}
-        spans = []
-        for name, info in header.items():
-            try:
-                dtype_name = info["dtype"]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise self._corrupt(f"header record of {name!r} is malformed: {info!r}") from None
-            if dtype_name not in DTYPES:
-                raise UnsupportedValueError(
-                    f"tensor {name!r} of safetensors file {path!r} has dtype {dtype_name!r}; "
-                    f"zarrckpt converts {sorted(DTYPES)}"
-                )
-            dtype = DTYPES[dtype_name]
-            expected = BY_TORCH[dtype].numpy_dtype.itemsize
-            for s in shape:
-                expected *= s
-            if any(s < 0 for s in shape) or end - begin != expected or begin < 0:
-                raise self._corrupt(
-                    f"tensor {name!r} ({dtype_name} {list(shape)}) has data_offsets "
-                    f"[{begin}, {end}], expected {expected} bytes"
-                )
-            if base + end > size:
-                raise self._corrupt(f"tensor {name!r} ends past the end of the file")
-            self.entries[name] = SafetensorsEntry(name, dtype, shape, base + begin, base + end)
-            spans.append((begin, end, name))
-        spans.sort()
-        for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:], strict=False):
-            if begin1 < end0:
-                raise self._corrupt(f"tensors {name0!r} and {name1!r} overlap")
+
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            self.metadata, self.entries = parse_header(path, size, read)
         self._size = size
         self._file = open_read(path)  # closed by close()
         self._map: mmap.mmap | None = (
             mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         )
-
-    def _corrupt(self, what: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"safetensors file {self.path!r}: {what}")
 
     def close(self) -> None:
         if self._map is not None:
@@ -266,8 +290,16 @@ def carried_record(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k in keys}
 
 
+class SafetensorsHeader(Protocol):
+    """A parsed safetensors header: a local or a remote reader."""
+
+    path: str
+    metadata: dict[str, str]
+    entries: dict[str, SafetensorsEntry]
+
+
 def read_layout(
-    reader: SafetensorsReader,
+    reader: SafetensorsHeader,
 ) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
     """(tree, manifest record, names of complex128 tensors stored as float64 pairs)."""
     metadata = dict(reader.metadata)

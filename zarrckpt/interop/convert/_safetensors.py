@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -16,6 +16,7 @@ from ...format._flatten import INLINE_BYTES_MAX
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ...format._metadata import ArrayEntry
 from ...parallel._reader import CheckpointFiles
+from ...storage._local import is_object_url
 from .._safetensors_io import (
     COMPLEX128_KEY,
     RECORD_KEY,
@@ -28,6 +29,7 @@ from .._safetensors_io import (
     write_safetensors,
 )
 from .._safetensors_io import NAMES as SAFETENSORS_NAMES
+from .._safetensors_remote import Prefetcher, RemoteSafetensorsReader
 from .._staged import StagedOutput, check_output_file
 from ._common import (
     ConvertResult,
@@ -39,8 +41,9 @@ from ._common import (
     c_span,
     ingest,
     open_checkpoint,
+    threads_or_default,
 )
-from ._remote import check_paths, local_destination, local_source
+from ._remote import check_paths, local_destination
 
 __all__ = ["from_safetensors", "to_safetensors"]
 
@@ -71,7 +74,7 @@ def from_safetensors(
 ) -> ConvertResult:
     """Convert a safetensors file into a zarrckpt checkpoint, streaming.
 
-    The file is memory-mapped; each chunk is written from the map and its
+    A local file is memory-mapped; each chunk is written from the map and its
     pages are released. The tensors become a flat dict keyed by their names
     (in file order), unless the file was written by :func:`to_safetensors`
     from a nested state dict: then its ``"zarrckpt.tree"`` metadata restores
@@ -88,11 +91,9 @@ def from_safetensors(
     storage_options
         Client options for whichever side is an object-store URL
         (``s3://...``; both, when both are; docs/object-storage.md); None
-        takes them from the environment. A safetensors file on an object store is
-        downloaded into (as a destination: written into, then uploaded
-        from) a private temporary directory in ``TMPDIR``, which needs room
-        for the whole file, and removed afterwards; an existing destination
-        object is refused before anything is converted unless ``overwrite``.
+        takes them from the environment. A safetensors object is read in
+        place by ranged GETs (its header, then each tensor, read ahead within
+        256 MiB); no local copy.
 
     Returns
     -------
@@ -106,10 +107,12 @@ def from_safetensors(
         A tensor has a dtype zarrckpt cannot store.
     """
     src_url, dst = check_paths(src_file, dst, storage_options)
-    with (
-        local_source(src_url, checkpoint=dst, overwrite=overwrite) as src,
-        SafetensorsReader(src) as reader,
-    ):
+    if is_object_url(src_url):
+        return _from_remote_safetensors(
+            src_url, dst, overwrite=overwrite, fsync=fsync, chunk_bytes=chunk_bytes,
+            inner_chunk_bytes=inner_chunk_bytes, threads=threads, progress=progress,
+        )
+    with SafetensorsReader(src_url) as reader:
         tree, record, complex_names = read_layout(reader)
 
         def pieces(e: SafetensorsEntry, entry: ArrayEntry) -> Iterator[Piece]:
@@ -123,18 +126,54 @@ def from_safetensors(
 
             yield Piece(array, (0,) * array.ndim, release=release)
 
-        tensors = []
-        for name, e in reader.entries.items():
-            if name in complex_names:
-                dtype, shape = torch.complex128, tuple(e.shape[:-1])
-            else:
-                dtype, shape = e.dtype, tuple(e.shape)
-            tensors.append(TensorSource(name, dtype, shape, partial(pieces, e)))
+        tensors = _tensor_sources(reader.entries, complex_names, pieces)
         return ingest(
             src_url, dst, "safetensors", tree=tree, record=record, tensors=tensors,
             overwrite=overwrite, fsync=fsync, chunk_bytes=chunk_bytes,
             inner_chunk_bytes=inner_chunk_bytes, threads=threads, progress=progress,
         )
+
+
+def _tensor_sources(
+    entries: dict[str, SafetensorsEntry],
+    complex_names: set[str],
+    pieces: Callable[[SafetensorsEntry, ArrayEntry], Iterator[Piece]],
+) -> list[TensorSource]:
+    tensors = []
+    for name, e in entries.items():
+        if name in complex_names:
+            dtype, shape = torch.complex128, tuple(e.shape[:-1])
+        else:
+            dtype, shape = e.dtype, tuple(e.shape)
+        tensors.append(TensorSource(name, dtype, shape, partial(pieces, e)))
+    return tensors
+
+
+def _from_remote_safetensors(
+    src_url: str, dst: str, *, overwrite: bool, threads: int | None, **options: Any
+) -> ConvertResult:
+    """:func:`from_safetensors` of an object: the header by two ranged GETs, the
+    tensors read ahead whole (a GET each) while the previous ones are written."""
+    with RemoteSafetensorsReader(src_url) as reader:
+        tree, record, complex_names = read_layout(reader)
+        prefetch = Prefetcher(
+            reader, list(reader.entries.values()), threads=threads_or_default(threads)
+        )
+
+        def pieces(e: SafetensorsEntry, entry: ArrayEntry) -> Iterator[Piece]:
+            array = prefetch.take(e)
+            if e.name in complex_names:
+                array = array.view(np.complex128).reshape(e.shape[:-1])
+            yield Piece(array, (0,) * array.ndim)
+
+        try:
+            return ingest(
+                src_url, dst, "safetensors", tree=tree, record=record,
+                tensors=_tensor_sources(reader.entries, complex_names, pieces),
+                overwrite=overwrite, threads=threads, **options,
+            )
+        finally:
+            prefetch.close()
 
 
 def to_safetensors(
