@@ -21,7 +21,7 @@ from ..format._metadata import ArrayEntry, check_array_document, parse_entry
 from ..format._tree_check import check_tree
 from ..storage._base import Store
 from ..storage._local import open_store
-from ._writer import array_json
+from ._writer import array_json, parallel_map
 
 if TYPE_CHECKING:  # torch is imported only where a tensor is produced
     import torch
@@ -139,25 +139,33 @@ class CheckpointFiles:
             parts: list[ReadRequest] = []
             for r in requests:
                 parts.extend(_split_by_chunk(r))
-            # object stores: every part is a round trip, so all go to the pool
-            least = _PARALLEL_MIN_BYTES if fanout == 1 else 0
-            big = [p for p in parts if p.dest.nbytes >= least]
-            small = [p for p in parts if p.dest.nbytes < least]
-            if len(big) <= 1:
-                total = sum(self.read_into(r) for r in big + small)
+            parts.sort(key=lambda r: -r.dest.nbytes)
+            if fanout > 1:
+                # object stores: every part is a round trip, so all go to the
+                # threads, which stop taking parts at the first failure
+                total = sum(parallel_map(self.read_into, parts, threads * fanout))
             else:
-                big.sort(key=lambda r: -r.dest.nbytes)
-                with ThreadPoolExecutor(
-                    max_workers=threads * fanout, thread_name_prefix="zarrckpt"
-                ) as pool:
-                    futures = [pool.submit(self.read_into, r) for r in big]
-                    try:
-                        total = sum(self.read_into(r) for r in small)
-                    finally:
-                        total_big = sum(f.result() for f in futures)
-                    total += total_big
+                total = self._read_local(parts, threads)
         self.bytes_read += total
         return total
+
+    def _read_local(self, parts: list[ReadRequest], threads: int) -> int:
+        """Parts of at least ``_PARALLEL_MIN_BYTES`` by a pool of ``threads``, the
+        others by the calling thread meanwhile; the first failure cancels the
+        parts not started."""
+        big = [p for p in parts if p.dest.nbytes >= _PARALLEL_MIN_BYTES]
+        small = [p for p in parts if p.dest.nbytes < _PARALLEL_MIN_BYTES]
+        if len(big) <= 1:
+            return sum(self.read_into(r) for r in big + small)
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zarrckpt") as pool:
+            futures = [pool.submit(self.read_into, r) for r in big]
+            try:
+                total = sum(self.read_into(r) for r in small)
+                return total + sum(f.result() for f in futures)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
     def read_tensor(self, fqn: str, *, threads: int = 1) -> torch.Tensor:
         """Read a whole stored tensor into a new CPU tensor."""

@@ -147,6 +147,11 @@ class ObjectStore(Store):
                 return
             yield from batch
 
+    def list_objects(self, key: str = "") -> list[dict[str, Any]]:
+        """obstore's metadata (``path`` from the bucket, ``size``, ``e_tag``...) of
+        every object below the prefix ``key``."""
+        return list(self._list(key))
+
     def object_keys(self, key: str = "") -> list[str]:
         """Every object key below the prefix ``key``, relative to the checkpoint."""
         skip = len(self.full_key("")) + 1 if self.prefix else 0
@@ -317,11 +322,20 @@ class ObjectStore(Store):
                 "checkpoint; a save deletes everything below its prefix, so choose a new "
                 f"prefix such as {self.location('checkpoint')!r}"
             )
-        if not overwrite and self.exists(COMMIT_MARKER):
+        if not self.exists(COMMIT_MARKER):
+            return  # the leftovers of a save that died: removed by the next save
+        if not overwrite:
             raise CheckpointExistsError(
                 f"checkpoint path {self.path!r} already exists; pass overwrite=True to replace "
                 "it (on object stores the old checkpoint is deleted before the new one is "
                 "written: docs/object-storage.md)"
+            )
+        foreign = [k for k in self.leftovers() if k != SAVE_RECORD]
+        if foreign:
+            raise CheckpointExistsError(
+                f"refusing to overwrite checkpoint {self.path!r}: besides the checkpoint it "
+                f"holds {few(foreign)}, which replacing the checkpoint would delete (a save "
+                "clears its prefix); move them elsewhere or save to another prefix"
             )
 
     def _delete(self, keys: list[str]) -> None:
@@ -396,19 +410,27 @@ class ObjectRangeReader(RangeReader):
             return 0
         store, key = self._store, self._key
 
-        def get() -> Any:
-            return obstore.get(
+        def get() -> tuple[int, Any]:
+            result = obstore.get(
                 store.client, store.full_key(key), options={"range": (offset, offset + want)}
             )
+            # the body is read here too: a connection lost while it arrives is
+            # translated (and named) like any other failure of the request
+            return int(result.meta["size"]), result.bytes()
 
         try:
-            result = store.call("GET", key, get)
-        except ObjectStoreError as e:
-            if "416" in str(e):  # the range starts at or beyond the end
+            size, body = store.call("GET", key, get)
+        except ObjectStoreError:
+            # a range starting at or beyond the end is refused (416): then the
+            # object is shorter than asked, which the caller reports; any other
+            # failure is raised as it is
+            if self._size is None:
+                self._size = store.size(key)
+            if offset >= self._size:
                 return 0
             raise
-        self._size = int(result.meta["size"])
-        data = memoryview(result.bytes())
+        self._size = size
+        data = memoryview(body)
         got = 0
         for buf in buffers:
             n = min(len(buf), len(data) - got)

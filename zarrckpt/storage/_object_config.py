@@ -88,8 +88,9 @@ def parse_url(url: str) -> tuple[str, str, str]:
     Raises
     ------
     zarrckpt.errors.InvalidPathError
-        Not a URL of a supported scheme, a URL without bucket (container), or
-        a ``memory://`` URL without path.
+        Not a URL of a supported scheme, a URL without bucket (container), a
+        ``memory://`` URL without path, or a key with empty, ``.`` or ``..``
+        components (object stores take them literally; a path would not).
     """
     m = _URL.match(url)
     scheme = m.group(1).lower() if m else ""
@@ -107,12 +108,21 @@ def parse_url(url: str) -> tuple[str, str, str]:
                 f"memory URL {url!r} names no path (memory://name/prefix): a save would "
                 "delete everything in the process's in-memory store"
             )
-        return scheme, "", rest.strip("/")
+        return scheme, "", _checked_key(url, rest.strip("/"))
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         example = "az://container/prefix" if scheme in _AZURE_SCHEMES else "s3://bucket/prefix"
         raise InvalidPathError(f"object-store URL {url!r} names no bucket ({example})")
-    return scheme, bucket, prefix.strip("/")
+    return scheme, bucket, _checked_key(url, prefix.strip("/"))
+
+
+def _checked_key(url: str, key: str) -> str:
+    if key and any(part in ("", ".", "..") for part in key.split("/")):
+        raise InvalidPathError(
+            f"object-store URL {url!r}: its key {key!r} has an empty, '.' or '..' component "
+            "(an object store takes it literally, not as a path); write it without"
+        )
+    return key
 
 
 def check_world_size(path: str, world_size: int, what: str) -> None:
@@ -264,15 +274,35 @@ def _azure_options(bucket: str, options: dict[str, Any]) -> Any:
     the endpoint in effect. ``container@account.host`` names the account."""
     if "sas_token" in options:
         options["sas_key"] = options.pop("sas_token")
+    _container, at, host = bucket.partition("@")
+    url_account = host.split(".", 1)[0] if at and host else None
+    if url_account is not None:
+        given = options.get("account_name")
+        if given is not None and given != url_account:
+            raise InvalidPathError(
+                f"the URL names storage account {url_account!r} ({bucket!r}) but "
+                f"storage_options name account {given!r}"
+            )
+        options["account_name"] = url_account
     conn = options.pop("connection_string", None)
-    if conn is None and not ({"account_name", "endpoint"} & options.keys()):
+    from_env = conn is None
+    # options naming the account or endpoint themselves (the URL's account aside)
+    # leave the environment's connection string unused
+    explicit = {"endpoint"} if url_account is not None else {"account_name", "endpoint"}
+    if from_env and not explicit & options.keys():
         conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
     if conn:
-        for name, value in parse_connection_string(str(conn)).items():
+        fields = parse_connection_string(str(conn))
+        other = fields.get("account_name")
+        if url_account is not None and other is not None and other != url_account:
+            if not from_env:
+                raise InvalidPathError(
+                    f"the URL names storage account {url_account!r} ({bucket!r}) but the "
+                    f"connection string is for account {other!r}"
+                )
+            fields = {}  # the environment's string is for another account: not used
+        for name, value in fields.items():
             options.setdefault(name, value)
-    _container, at, host = bucket.partition("@")
-    if at and host:
-        options.setdefault("account_name", host.split(".", 1)[0])
     return (
         options.get("endpoint")
         or os.environ.get("AZURE_STORAGE_ENDPOINT")

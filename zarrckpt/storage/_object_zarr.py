@@ -72,3 +72,23 @@ class PrefixStore(WrapperStore[Any]):
     async def list_dir(self, prefix: str) -> AsyncGenerator[str, None]:
         async for name in self._store.list_dir(self._full(prefix.rstrip("/"))):
             yield name
+
+    async def is_empty(self, prefix: str) -> bool:
+        async for _ in self.list_prefix(prefix):
+            return False
+        return True
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, Any, Any]]
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    def __eq__(self, value: object) -> bool:
+        return (
+            isinstance(value, PrefixStore)
+            and self._prefix == value._prefix
+            and self._store == value._store
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking store: as zarr's own

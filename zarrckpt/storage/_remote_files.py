@@ -20,11 +20,17 @@ translation of :meth:`~zarrckpt.storage._object.ObjectStore.call`:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CheckpointExistsError, CheckpointNotFoundError, InvalidPathError
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    InvalidPathError,
+)
 from ._object import ObjectStore
 from ._object_config import ObjectPath
 from ._paths import DCP_METADATA, few
@@ -113,11 +119,29 @@ def download(url: str, storage_options: dict[str, Any] | None, local_path: str) 
         raise _missing(url, "file") from None
 
 
-def _download_key(store: ObjectStore, key: str, local_path: str) -> int:
+def _download_key(
+    store: ObjectStore, key: str, local_path: str, *, e_tag: str | None = None
+) -> int:
+    """Stream ``key`` into the new file ``local_path``; with ``e_tag``, only that
+    version of the object (else :class:`IncompleteCheckpointError`: it changed)."""
     import obstore
+    import obstore.exceptions as oe
 
     full = store.full_key(key)
-    result = store.call("GET", key, lambda: obstore.get(store.client, full))
+
+    def get() -> Any:
+        try:
+            return obstore.get(store.client, full, options={"if_match": e_tag} if e_tag else None)
+        except oe.PreconditionError:
+            return None
+
+    result = store.call("GET", key, get)
+    if result is None:
+        raise IncompleteCheckpointError(
+            f"{store.location(key)!r} was replaced or deleted while the objects below "
+            f"{str(store.path)!r} were being downloaded (another save is writing there); "
+            "try again once it is done"
+        )
     stream = iter(result.stream(min_chunk_size=PART_BYTES))
     n = 0
     with open(local_path, "xb") as f:
@@ -147,6 +171,12 @@ def _upload_key(store: ObjectStore, local_path: str, key: str, *, create: bool) 
                     "written; pass overwrite=True to replace it"
                 ) from None
         else:
+            if create and store.exists(key):
+                # a multipart upload cannot be conditional: checked right before it
+                raise CheckpointExistsError(
+                    f"{store.location(key)!r} was created by someone else while it was being "
+                    "written; pass overwrite=True to replace it"
+                )
             store.call(
                 "PUT",
                 key,
@@ -222,18 +252,23 @@ def download_prefix(url: str, storage_options: dict[str, Any] | None, local_dir:
         No object below ``url``.
     """
     store = _store(url, storage_options)
-    keys = store.object_keys()
-    if not keys:
+    skip = len(store.full_key("")) + 1 if store.prefix else 0
+    # each object is fetched in the version the listing saw (If-Match: its ETag), so
+    # a directory replaced meanwhile is refused rather than mixed from two versions
+    listed = sorted((o["path"][skip:], o.get("e_tag")) for o in store.list_objects())
+    if not listed:
         raise CheckpointNotFoundError(f"no directory at {str(url)!r} (no object below it)")
     total = 0
-    for key in keys:
+    for key, e_tag in listed:
         path = os.path.join(local_dir, _safe_relative(url, key))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            total += _download_key(store, key, path)
+            total += _download_key(store, key, path, e_tag=e_tag)
         except FileNotFoundError:
-            raise CheckpointNotFoundError(
-                f"object {key!r} below {str(url)!r} disappeared while it was downloaded"
+            raise IncompleteCheckpointError(
+                f"object {key!r} below {str(url)!r} was replaced or deleted while the "
+                "directory was downloaded (another save is writing there); try again once "
+                "it is done"
             ) from None
     return total
 
@@ -272,8 +307,11 @@ def upload_dir(
     """Upload every file below ``local_dir`` to the prefix ``url``, ``commit_name``
     last. With ``overwrite``, what is below the prefix is deleted first (its
     ``commit_name`` or zarrckpt commit marker before anything else), so a reader
-    sees no checkpoint there until ``commit_name`` is written. Call
-    :func:`check_dir_destination` first.
+    sees no checkpoint there until ``commit_name`` is written. Without it every
+    file is created only if no object is at its key (as :func:`upload`), so
+    another writer's objects are never replaced. An upload that fails deletes
+    the objects it created (the prefix is then as the check left it: empty, as
+    without ``overwrite``, or cleared). Call :func:`check_dir_destination` first.
     """
     import obstore
 
@@ -288,8 +326,13 @@ def upload_dir(
         for name in names:
             files.append(os.path.relpath(os.path.join(root, name), local_dir))
     files.sort(key=lambda rel: (rel == commit_name, rel))
-    for rel in files:
-        key = rel.replace(os.sep, "/")
-        # the commit point with a conditional create when not overwriting
-        create = not overwrite and rel == commit_name
-        _upload_key(store, os.path.join(local_dir, rel), key, create=create)
+    written: list[str] = []
+    try:
+        for rel in files:
+            key = rel.replace(os.sep, "/")
+            _upload_key(store, os.path.join(local_dir, rel), key, create=not overwrite)
+            written.append(key)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the upload's own error is the one to see
+            store._delete(written)
+        raise
