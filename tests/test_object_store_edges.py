@@ -206,3 +206,22 @@ def test_a_failed_dcp_upload_deletes_what_it_uploaded(s3_server, s3_url, monkeyp
     assert ObjectStore(url, opts).object_keys() == []
     remote.upload_dir(_dcp_dir(1.0), url, opts, overwrite=False)  # a retry just works
     assert_bits_equal(torch.full((4,), 1.0), _dcp_load(url, opts))
+
+
+def test_a_connection_string_for_another_account_is_not_used(monkeypatch):
+    sas = "BlobEndpoint=https://acct2.blob.core.windows.net/;SharedAccessSignature=sv=1"
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", sas)
+    client = build_client("az://cont@acct1.blob.core.windows.net/p", None)
+    assert client.config["account_name"] == "acct1"
+    assert "acct2" not in str(client.config.get("endpoint", ""))
+    with pytest.raises(InvalidPathError, match="'acct2'"):
+        build_client("az://cont@acct1.blob.core.windows.net/p", {"connection_string": sas})
+
+
+def test_overwriting_a_damaged_checkpoint_says_so():
+    url = f"memory://{os.urandom(6).hex()}/ck"
+    zarrckpt.save({"w": torch.ones(3)}, url)
+    store = ObjectStore(url)
+    obstore.put(store.client, store.full_key("zarr.json"), b"{ damaged")
+    with pytest.raises(CheckpointExistsError, match="damaged"):
+        zarrckpt.save({"w": torch.zeros(3)}, url, overwrite=True)

@@ -183,3 +183,54 @@ def test_prefetcher_bounds_what_it_holds_and_takes_any_order(s3_server, s3_url, 
         finally:
             prefetch.close()
         assert max(held) <= 3 * 1024  # never more than the window read ahead
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+def test_an_object_replaced_while_read_is_refused_not_mixed(s3_server, s3_url, tmp_path, where):
+    """The header of one version and the tensors of another are never combined:
+    every GET after the first asks for the first one's version (If-Match)."""
+    from safetensors.torch import save_file
+
+    from zarrckpt.errors import IncompleteCheckpointError
+    from zarrckpt.storage._object_config import ObjectPath
+
+    save_file({"w": torch.zeros(64, 4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(64, 4)}, str(tmp_path / "b.safetensors"))  # same layout
+    if where == "s3":
+        url, opts = f"{s3_url}/m.safetensors", s3_server.options()
+    else:
+        url, opts = f"memory://{os.urandom(6).hex()}/m.safetensors", None
+    upload(str(tmp_path / "a.safetensors"), url, opts, overwrite=True)
+    with RemoteSafetensorsReader(ObjectPath(url, opts)) as reader:
+        entry = reader.entries["w"]
+        upload(str(tmp_path / "b.safetensors"), url, opts, overwrite=True)
+        with pytest.raises(IncompleteCheckpointError, match="replaced or deleted"):
+            reader.rows(entry, 0, 64)
+
+
+def test_a_damaged_torch_save_object_is_named_by_its_url(s3_server, s3_url, tmp_path):
+    opts = s3_server.options()
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04" + b"\0" * 60)
+    url = f"{s3_url}/bad.pt"
+    _put_file(s3_server, str(tmp_path / "bad.pt"), url)
+    with pytest.raises(CorruptCheckpointError) as info:
+        zarrckpt.load({"w": torch.zeros(1)}, url, storage_options=opts)
+    assert url in str(info.value) and "zarrckpt-load-" not in str(info.value)
+
+
+def test_from_safetensors_checks_the_destination_before_reading_ahead(
+    s3_server, s3_url, tmp_path, proxy
+):
+    from safetensors.torch import save_file
+
+    from zarrckpt.errors import CheckpointExistsError
+
+    save_file({f"t{i}": torch.randn(1000) for i in range(8)}, str(tmp_path / "m.safetensors"))
+    url = f"{s3_url}/m.safetensors"
+    _put_file(s3_server, str(tmp_path / "m.safetensors"), url)
+    opts = s3_server.options(endpoint=proxy.endpoint)
+    zarrckpt.save({"x": torch.ones(1)}, f"{s3_url}/ckpt", storage_options=opts)
+    proxy.reset_counts()
+    with pytest.raises(CheckpointExistsError):
+        convert.from_safetensors(url, f"{s3_url}/ckpt", storage_options=opts)
+    assert not [p for m, p in proxy.log if p.endswith("/m.safetensors")], proxy.log

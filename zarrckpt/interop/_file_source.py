@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, ZarrCkptError
 from ..format._dtypes import numpy_as_tensor
 from ..format._flatten import FlatState
 from ..storage._files import is_zip_file, make_temp_dir, read_head
@@ -90,7 +90,13 @@ def _open_remote(url: str, *, allow_pickle: bool) -> Any:
         try:
             local = f"{tmp}/{url.rstrip('/').rsplit('/', 1)[-1] or 'object'}"
             download(url, None, local)
-            source = TorchSaveFile(local, allow_pickle=allow_pickle)
+            try:
+                source = TorchSaveFile(local, allow_pickle=allow_pickle)
+            except ZarrCkptError as e:  # name the object, not the copy (gone by now)
+                if e.args and isinstance(e.args[0], str):
+                    e.args = (f"{e.args[0].replace(local, url)} [read from {url!r}]",
+                              *e.args[1:])
+                raise
         finally:
             remove_tree(tmp)
         source.path = url

@@ -40,6 +40,8 @@ __all__ = [
 PREFETCH_BYTES = 256 << 20
 #: bytes of the first GET (the header length and, usually, the whole header)
 HEAD_BYTES = 64 << 10
+#: bytes of one GET at most (a larger read is several, one after the other)
+GET_BYTES = 64 << 20
 
 
 class RemoteSafetensorsReader:
@@ -80,7 +82,7 @@ class RemoteSafetensorsReader:
         """Fill ``view`` from byte ``offset``; return the bytes read (fewer at the end)."""
         got = 0
         while got < len(view):
-            n = self._reader.readv_into([view[got:]], offset + got)
+            n = self._reader.readv_into([view[got : got + GET_BYTES]], offset + got)
             if n == 0:
                 break
             got += n
@@ -185,8 +187,7 @@ class RemoteSafetensorsFile:
         if whole_rows and dest.flags.c_contiguous:
             row_bytes = entry.dtype.numpy_dtype.itemsize * math.prod(entry.shape[1:])
             if dest.size:
-                self._reader.fill(entry.source, start * row_bytes, dest.view(
-                    entry.dtype.numpy_dtype))
+                self._reader.fill(entry.source, start * row_bytes, dest)
             return int(dest.nbytes)
         rows = self._tensor_rows(entry, start, stop)
         index = tuple(slice(o, o + s) for o, s in zip(origin[1:], dest.shape[1:], strict=True))
@@ -239,7 +240,7 @@ class Prefetcher:
         window: int = PREFETCH_BYTES,
     ) -> None:
         self._reader = reader
-        self._order = list(entries)
+        self._order = sorted(entries, key=lambda e: e.begin)  # file order
         self._window = window
         self._cond = threading.Condition()
         self._next = 0  # index in _order of the next tensor to read ahead
@@ -282,10 +283,7 @@ class Prefetcher:
                 result = exc
             with self._cond:
                 self._busy.discard(e.name)
-                if e.name in self._taken:  # taken meanwhile (read by the caller)
-                    self._held -= e.nbytes
-                else:
-                    self._ready[e.name] = result
+                self._ready[e.name] = result  # take() waits while it is busy
                 self._cond.notify_all()
 
     def take(self, entry: SafetensorsEntry) -> np.ndarray:

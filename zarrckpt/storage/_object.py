@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidPathError,
     ObjectStoreError,
@@ -330,7 +331,14 @@ class ObjectStore(Store):
                 "it (on object stores the old checkpoint is deleted before the new one is "
                 "written: docs/object-storage.md)"
             )
-        foreign = [k for k in self.leftovers() if k != SAVE_RECORD]
+        try:
+            foreign = [k for k in self.leftovers() if k != SAVE_RECORD]
+        except CorruptCheckpointError as e:
+            raise CheckpointExistsError(
+                f"refusing to overwrite {self.path!r}: its committed checkpoint is damaged "
+                f"({e}), so which objects belong to it cannot be told; delete the prefix "
+                "yourself if nothing else is below it, or save to another prefix"
+            ) from None
         if foreign:
             raise CheckpointExistsError(
                 f"refusing to overwrite checkpoint {self.path!r}: besides the checkpoint it "
@@ -386,7 +394,9 @@ class ObjectStore(Store):
 
 class ObjectRangeReader(RangeReader):
     """One object read by ranged GETs (its size by one HEAD, when asked; known
-    without one after a GET)."""
+    without one after a GET). Every GET after the first asks for the version the
+    first one returned (``If-Match`` with its ETag): bytes of two versions of an
+    object replaced meanwhile are never combined (:class:`IncompleteCheckpointError`)."""
 
     #: consecutive ranges (inner chunks stored back to back) coalesced into GETs
     #: of up to this many bytes: a round trip per 16 MiB rather than per 1 MiB
@@ -395,6 +405,7 @@ class ObjectRangeReader(RangeReader):
     def __init__(self, store: ObjectStore, key: str) -> None:
         self._store, self._key = store, key
         self._size: int | None = None
+        self._e_tag: str | None = None
 
     @property
     def size(self) -> int:
@@ -408,27 +419,46 @@ class ObjectRangeReader(RangeReader):
         want = sum(len(b) for b in buffers)
         if want == 0 or (self._size is not None and offset >= self._size):
             return 0
-        store, key = self._store, self._key
+        import obstore.exceptions as oe
 
-        def get() -> tuple[int, Any]:
-            result = obstore.get(
-                store.client, store.full_key(key), options={"range": (offset, offset + want)}
-            )
+        store, key, e_tag = self._store, self._key, self._e_tag
+        options: Any = {"range": (offset, offset + want)}  # obstore GetOptions
+        if e_tag is not None:
+            options["if_match"] = e_tag
+
+        def get() -> tuple[int, Any, Any] | None:
+            try:
+                result = obstore.get(store.client, store.full_key(key), options=options)
+            except oe.PreconditionError:
+                return None
             # the body is read here too: a connection lost while it arrives is
             # translated (and named) like any other failure of the request
-            return int(result.meta["size"]), result.bytes()
+            return int(result.meta["size"]), result.meta.get("e_tag"), result.bytes()
 
         try:
-            size, body = store.call("GET", key, get)
-        except ObjectStoreError:
+            got_back = store.call("GET", key, get)
+        except FileNotFoundError:
+            if e_tag is None:
+                raise
+            got_back = None  # some stores answer a failed If-Match with 404
+        except ObjectStoreError as e:
             # a range starting at or beyond the end is refused (416): then the
             # object is shorter than asked, which the caller reports; any other
             # failure is raised as it is
-            if self._size is None:
-                self._size = store.size(key)
+            try:
+                if self._size is None:
+                    self._size = store.size(key)
+            except Exception:
+                raise e from None
             if offset >= self._size:
                 return 0
             raise
+        if got_back is None:
+            raise IncompleteCheckpointError(
+                f"{store.location(key)!r} was replaced or deleted while it was being read "
+                "(another save or upload is writing there); try again once it is done"
+            )
+        size, self._e_tag, body = got_back
         self._size = size
         data = memoryview(body)
         got = 0

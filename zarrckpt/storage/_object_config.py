@@ -293,7 +293,7 @@ def _azure_options(bucket: str, options: dict[str, Any]) -> Any:
         conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
     if conn:
         fields = parse_connection_string(str(conn))
-        other = fields.get("account_name")
+        other = fields.get("account_name") or _endpoint_account(fields.get("endpoint"))
         if url_account is not None and other is not None and other != url_account:
             if not from_env:
                 raise InvalidPathError(
@@ -308,6 +308,22 @@ def _azure_options(bucket: str, options: dict[str, Any]) -> Any:
         or os.environ.get("AZURE_STORAGE_ENDPOINT")
         or os.environ.get("AZURE_ENDPOINT")
     )
+
+
+def _endpoint_account(endpoint: str | None) -> str | None:
+    """The storage account a blob endpoint serves: the first label of its host
+    (``https://acct.blob.core.windows.net``), or the first path component of an
+    emulator's (``http://127.0.0.1:10000/devstoreaccount1``)."""
+    if not endpoint:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    if host and not host.replace(".", "").isdigit() and host != "localhost":
+        return host.split(".", 1)[0]
+    path = parts.path.strip("/")
+    return path.split("/", 1)[0] or None
 
 
 #: connection-string fields and the obstore Azure keys they set

@@ -16,7 +16,7 @@ from ...format._flatten import INLINE_BYTES_MAX
 from ...format._layout import DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES
 from ...format._metadata import ArrayEntry
 from ...parallel._reader import CheckpointFiles
-from ...storage._local import is_object_url
+from ...storage._local import is_object_url, open_store
 from .._safetensors_io import (
     COMPLEX128_KEY,
     RECORD_KEY,
@@ -154,6 +154,9 @@ def _from_remote_safetensors(
 ) -> ConvertResult:
     """:func:`from_safetensors` of an object: the header by two ranged GETs, the
     tensors read ahead whole (a GET each) while the previous ones are written."""
+    # the destination is checked before any tensor is read ahead (the builder
+    # checks it again when it starts)
+    open_store(dst).check_writable(overwrite=overwrite)
     with RemoteSafetensorsReader(src_url) as reader:
         tree, record, complex_names = read_layout(reader)
         prefetch = Prefetcher(
