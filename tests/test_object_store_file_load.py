@@ -167,15 +167,20 @@ def test_prefetcher_bounds_what_it_holds_and_takes_any_order(s3_server, s3_url, 
         held: list[int] = []
         real_rows = reader.rows
         lock = threading.Lock()
+        started: list[Prefetcher] = []  # its threads start before the constructor returns
 
         def rows(e, a, b):
             out = real_rows(e, a, b)
             with lock:
-                held.append(prefetch._held)
+                if started:
+                    held.append(started[0]._held)
             return out
 
         reader.rows = rows  # type: ignore[method-assign]
         prefetch = Prefetcher(reader, entries, threads=3, window=3 * 1024)
+        with lock:
+            started.append(prefetch)
+            held.append(prefetch._held)
         try:
             order = entries[5:] + entries[:5]  # out of file order
             for e in order:
