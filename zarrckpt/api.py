@@ -11,6 +11,7 @@ from typing import Any
 
 from ._load_result import LoadResult
 from .errors import (
+    IncompleteCheckpointError,
     InvalidArgumentError,
     MissingKeysError,
     ShapeMismatchError,
@@ -297,6 +298,22 @@ def async_save_with_extra(
 # --------------------------------------------------------------------------- load
 
 
+def _check_same_version(comm: Comm, path: str, version: str | None) -> None:
+    """Raise on every rank if the ranks opened different versions of ``path`` (it
+    was replaced while they opened it): they would load parts of two checkpoints."""
+    if not comm.distributed:
+        return
+    versions = comm.all_gather(version)
+    if len(set(versions)) > 1:
+        seen = sorted({str(v) for v in versions})
+        raise IncompleteCheckpointError(
+            f"{path!r} was replaced while the ranks opened it: they see {len(seen)} "
+            f"versions ({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}; rank "
+            f"{comm.rank} has {version}), so the load would mix them; nothing was loaded, "
+            "try again"
+        )
+
+
 def load(
     state_dict: Any,
     path: PathLike,
@@ -428,6 +445,7 @@ def load(
         return files, load_plan
 
     files, load_plan = comm.agree(plan, f"planning the load of {path!r}")
+    _check_same_version(comm, path, getattr(files, "version", None))
     comm.agree(
         lambda: files.read_many(load_plan.requests, threads=threads or default_threads()),
         f"reading the checkpoint {path!r}",

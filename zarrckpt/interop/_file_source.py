@@ -22,7 +22,7 @@ from ..format._flatten import FlatState
 from ..storage._files import is_zip_file, make_temp_dir, read_head
 from ..storage._local import is_object_url
 from ..storage._posix import remove_tree
-from ..storage._remote_files import download
+from ..storage._remote_files import download, object_version
 from ..storage._remote_files import read_head as read_remote_head
 from ._safetensors_io import SafetensorsReader, read_layout
 from ._safetensors_remote import RemoteSafetensorsFile
@@ -86,10 +86,11 @@ def _open_remote(url: str, *, allow_pickle: bool) -> Any:
     if url.lower().endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
         return RemoteSafetensorsFile(url)
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and _LEGACY_MAGIC in head):
+        version = object_version(url)
         tmp = make_temp_dir("zarrckpt-load-")
         try:
             local = f"{tmp}/{url.rstrip('/').rsplit('/', 1)[-1] or 'object'}"
-            download(url, None, local)
+            download(url, None, local, e_tag=version)
             try:
                 source = TorchSaveFile(local, allow_pickle=allow_pickle)
             except ZarrCkptError as e:  # name the object, not the copy (gone by now)
@@ -100,6 +101,7 @@ def _open_remote(url: str, *, allow_pickle: bool) -> Any:
         finally:
             remove_tree(tmp)
         source.path = url
+        source.version = version  # the object's, not the local copy's
         return source
     raise CorruptCheckpointError(
         f"{url!r} is an object but neither a torch.save file nor a safetensors file (it "

@@ -78,6 +78,11 @@ class RemoteSafetensorsReader:
             return self._head[offset : offset + n]
         return self.read(offset, n)
 
+    @property
+    def version(self) -> str | None:
+        """The ETag of the object's version read (every read asks for that one)."""
+        return getattr(self._reader, "e_tag", None)
+
     def read_into(self, view: memoryview, offset: int) -> int:
         """Fill ``view`` from byte ``offset``; return the bytes read (fewer at the end)."""
         got = 0
@@ -166,6 +171,8 @@ class RemoteSafetensorsFile:
         #: a safetensors file holds no pickled values
         self.pickled: dict[str, Any] = {}
         self.bytes_read = 0
+        #: the ETag of the object's version read (ranks of one load must agree)
+        self.version = self._reader.version
 
     def read_pickled(self, fqn: str, *, allow_pickle: bool) -> Any:
         raise KeyError(fqn)  # the tree of a safetensors file names no pickled value

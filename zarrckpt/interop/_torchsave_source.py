@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..format._dtypes import DTypeInfo, info_for_torch, tensor_as_numpy
 from ..format._flatten import FlatState, encode_key, flatten_state_dict, is_stateful
-from ..storage._files import is_file, is_zip_file, open_read
+from ..storage._files import file_version, is_file, is_zip_file, open_read
 from ._pages import FileMappings
 
 __all__ = [
@@ -421,6 +421,8 @@ class FileSource:
         #: values that needed plain pickle to load (only with allow_pickle=True)
         self.pickled = dict(flat.pickled) if unsafe else {}
         self.bytes_read = 0
+        #: which version of the file this is (ranks of one load must agree)
+        self.version: str | None = file_version(path) if is_file(path) else None
 
     def read_pickled(self, fqn: str, *, allow_pickle: bool) -> Any:
         """A non-JSON value of the file (already unpickled by ``torch.load``)."""

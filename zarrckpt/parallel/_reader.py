@@ -75,6 +75,8 @@ class CheckpointFiles:
                 f"checkpoint {self.path!r}: manifest is malformed ({e!r})"
             ) from None
         self.bytes_read = 0
+        #: which checkpoint this is (ranks of one load must agree; None: format 1)
+        self.version: str | None = self.manifest.get("checkpoint_id")
         #: fqn -> the array's zarr.json as stored, once checked
         self._checked: dict[str, bytes] = {}
 

@@ -23,6 +23,7 @@ from . import _posix
 __all__ = [
     "PositionalFile",
     "file_identity",
+    "file_version",
     "file_size",
     "is_dir",
     "is_file",
@@ -76,6 +77,13 @@ def file_size(path: str) -> int:
 def list_dir(path: str) -> list[str]:
     """Names in the directory ``path`` (unsorted, as the system returns them)."""
     return os.listdir(path)
+
+
+def file_version(path: str) -> str:
+    """Size and modification time of the file ``path`` (``"<bytes>:<mtime ns>"``): the
+    same on every host that sees one version of a shared file."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def file_identity(path: str) -> tuple[int, int, int]:

@@ -413,6 +413,12 @@ class ObjectRangeReader(RangeReader):
             self._size = self._store.size(self._key)
         return self._size
 
+    @property
+    def e_tag(self) -> str | None:
+        """The ETag of the version read (None before the first GET, or if the store
+        gives none)."""
+        return self._e_tag
+
     def readv_into(self, buffers: list[memoryview], offset: int) -> int:
         import obstore
 

@@ -43,6 +43,7 @@ __all__ = [
     "check_file_destination",
     "download",
     "download_prefix",
+    "object_version",
     "probe",
     "read_head",
     "upload",
@@ -102,8 +103,31 @@ def _missing(url: str, what: str) -> CheckpointNotFoundError:
     return CheckpointNotFoundError(f"no {what} at {str(url)!r} (no such object)")
 
 
-def download(url: str, storage_options: dict[str, Any] | None, local_path: str) -> int:
+def object_version(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The ETag of the object ``url`` (None if the store gives none).
+
+    Raises
+    ------
+    zarrckpt.errors.CheckpointNotFoundError
+        There is no object at ``url``.
+    """
+    store = _store(url, storage_options)
+    meta = store._head("")
+    if meta is None:
+        raise _missing(url, "file")
+    e_tag = meta.get("e_tag")
+    return None if e_tag is None else str(e_tag)
+
+
+def download(
+    url: str,
+    storage_options: dict[str, Any] | None,
+    local_path: str,
+    *,
+    e_tag: str | None = None,
+) -> int:
     """Stream the object ``url`` into the new local file ``local_path``; return its size.
+    With ``e_tag``, only that version (:func:`object_version`) is downloaded.
 
     Raises
     ------
@@ -114,7 +138,7 @@ def download(url: str, storage_options: dict[str, Any] | None, local_path: str) 
     """
     store = _store(url, storage_options)
     try:
-        return _download_key(store, "", local_path)
+        return _download_key(store, "", local_path, e_tag=e_tag)
     except FileNotFoundError:
         raise _missing(url, "file") from None
 
