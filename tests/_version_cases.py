@@ -35,3 +35,13 @@ def replaced_between_opens(rank: int, world_size: int, path: str) -> dict[str, A
     finally:
         _reader.CheckpointFiles.__init__ = real_init
     return {"error": None, "w": target["w"].tolist()}
+
+
+def per_rank_files(rank: int, world_size: int, base: str) -> list[float]:
+    """Each rank loads its own torch.save file in one collective load."""
+    path = f"{base}/rank{rank}.pt"
+    torch.save({"w": torch.full((4,), float(rank))}, path)
+    dist.barrier()
+    target = {"w": torch.zeros(4)}
+    zarrckpt.load(target, path)
+    return target["w"].tolist()

@@ -23,3 +23,8 @@ def test_ranks_that_opened_different_versions_load_nothing(tmp_path):
     out = {"w": torch.zeros(8)}
     zarrckpt.load(out, path)
     assert out["w"].tolist() == [2.0] * 8
+
+
+def test_ranks_loading_one_file_each_are_not_compared(tmp_path):
+    results = run_distributed(cases.per_rank_files, 2, str(tmp_path))
+    assert results == [[0.0] * 4, [1.0] * 4]

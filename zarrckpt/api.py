@@ -299,15 +299,20 @@ def async_save_with_extra(
 
 
 def _check_same_version(comm: Comm, path: str, version: str | None) -> None:
-    """Raise on every rank if the ranks opened different versions of ``path`` (it
-    was replaced while they opened it): they would load parts of two checkpoints."""
+    """Raise on every rank if ranks opened different versions of ``path`` (it was
+    replaced while they opened it): they would load parts of two checkpoints.
+    (Ranks that load different paths, e.g. one file each, are not compared.)"""
     if not comm.distributed:
         return
-    versions = comm.all_gather(version)
-    if len(set(versions)) > 1:
-        seen = sorted({str(v) for v in versions})
+    groups: dict[str, set[str]] = {}
+    for where, seen in comm.all_gather((str(path), version)):
+        groups.setdefault(where, set()).add(str(seen))
+    # decided from the same gathered list on every rank: all raise, or none
+    mixed = {where: sorted(seen) for where, seen in groups.items() if len(seen) > 1}
+    if mixed:
+        where, seen = next(iter(mixed.items()))
         raise IncompleteCheckpointError(
-            f"{path!r} was replaced while the ranks opened it: they see {len(seen)} "
+            f"{where!r} was replaced while the ranks opened it: they see {len(seen)} "
             f"versions ({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}; rank "
             f"{comm.rank} has {version}), so the load would mix them; nothing was loaded, "
             "try again"
