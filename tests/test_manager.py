@@ -264,11 +264,14 @@ def test_async_saves_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     from zarrckpt import api
 
-    release = threading.Event()
+    # each save is held until its own event: step 2 stays in flight until released
+    releases = [threading.Event(), threading.Event()]
+    calls: list[int] = []
     real = api.save_collective
 
     def held(*args: Any, **kwargs: Any) -> Any:
-        release.wait(30)
+        calls.append(len(calls))
+        releases[min(len(calls) - 1, 1)].wait(30)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(api, "save_collective", held)
@@ -281,10 +284,11 @@ def test_async_saves_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         # in flight: not committed, not reported as incomplete by the manager, but a
         # staging on disk (what `zarrckpt ls` shows as incomplete)
         assert manager.all_steps() == [] and manager.incomplete_steps() == []
-        threading.Timer(0.2, release.set).start()
+        threading.Timer(0.2, releases[0].set).start()
         assert manager.save(2, _state(2.0))  # waits for step 1 first
         assert manager.all_steps() == [1]
         assert manager.last_wait_seconds > 0
+        releases[1].set()
         waited = manager.wait()
         assert isinstance(waited, float)
         assert manager.all_steps() == [2]  # retention ran once step 2 committed
