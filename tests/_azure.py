@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -124,10 +125,12 @@ def azurite_server() -> Iterator[AzuriteServer]:
     port = _free_port()
     # its output goes to a file, not a pipe: a chatty server never blocks
     with tempfile.TemporaryFile() as log:
+        # a process group of its own: the venv's `node` is a launcher whose child is
+        # the real node, and the whole group is stopped at the end (no orphan server)
         proc = subprocess.Popen(
             [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port),
              "--inMemoryPersistence", "--skipApiVersionCheck", "--silent"],
-            env=_node_env(), stdout=log, stderr=subprocess.STDOUT,
+            env=_node_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 60
@@ -139,12 +142,28 @@ def azurite_server() -> Iterator[AzuriteServer]:
                 time.sleep(0.1)
             yield AzuriteServer(f"http://127.0.0.1:{port}/{ACCOUNT}")
         finally:
-            proc.terminate()
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it is still there after 2 s."""
+    for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            proc.poll()
+            time.sleep(0.05)
+        else:
+            continue
+        break
+    proc.poll()
 
 
 def _listening(port: int) -> bool:

@@ -45,7 +45,7 @@ import zarrckpt
 from zarrckpt.errors import ZarrCkptError
 
 #: seconds a surviving rank may take to raise after a peer was SIGKILLed
-SURVIVOR_BOUND = 20.0
+SURVIVOR_BOUND = 60.0
 SEED = 1405
 
 STATE_SOURCE = r'''
@@ -284,6 +284,25 @@ def _wait(log: str, pids: list[int], cond: Any, timeout: float, what: str) -> li
         time.sleep(0.005)
 
 
+def _stacks(pids: list[int]) -> str:
+    """The Python stacks of ``pids`` (py-spy, from the test extras), or why not."""
+    import shutil
+    import sys
+
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    if spy is None:
+        return "(py-spy not installed)"
+    out = []
+    for pid in pids:
+        try:
+            proc = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
+                                  text=True, timeout=30)
+            out.append(f"pid {pid}: {proc.stdout[-4000:] or proc.stderr[-1000:]}")
+        except (OSError, subprocess.SubprocessError) as e:
+            out.append(f"pid {pid}: {e}")
+    return " | ".join(out)
+
+
 def _kill(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -351,9 +370,13 @@ def _run(zygote: Any, base: str, n: int, sc: dict[str, Any]) -> dict[str, Any]:
         _kill([pids[r] for r in victims])
         killed_at = time.monotonic()
         survivors = [r for r in range(world_size) if r not in victims and r not in before]
-        _wait(log, pids,
-              lambda ev: {int(e[0]) for e in ev if e[1] in ("done", "error")} >= set(survivors),
-              SURVIVOR_BOUND, f"surviving ranks {survivors} to raise")
+        try:
+            _wait(log, pids,
+                  lambda ev: {int(e[0]) for e in ev if e[1] in ("done", "error")}
+                  >= set(survivors),
+                  SURVIVOR_BOUND, f"surviving ranks {survivors} to raise")
+        except AssertionError as e:  # where the survivors are stuck, for the report
+            raise AssertionError(f"{e}; stacks: {_stacks([pids[r] for r in survivors])}") from None
         survivor_seconds = time.monotonic() - killed_at if survivors else 0.0
     finally:
         _kill(pids)
