@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CorruptCheckpointError, ZarrCkptError
+from ..errors import CorruptCheckpointError
 from ..format._dtypes import numpy_as_tensor
 from ..format._flatten import FlatState
-from ..storage._files import is_zip_file, make_temp_dir, read_head
+from ..storage._files import is_zip_file, read_head
 from ..storage._local import is_object_url
-from ..storage._posix import remove_tree
-from ..storage._remote_files import download, object_version
+from ..storage._remote_files import object_version
 from ..storage._remote_files import read_head as read_remote_head
+from ._remote_copy import local_copy
 from ._safetensors_io import SafetensorsReader, read_layout
 from ._safetensors_remote import RemoteSafetensorsFile
 from ._torchsave_source import FileSource, TorchSaveFile
@@ -87,19 +87,8 @@ def _open_remote(url: str, *, allow_pickle: bool) -> Any:
         return RemoteSafetensorsFile(url)
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and _LEGACY_MAGIC in head):
         version = object_version(url)
-        tmp = make_temp_dir("zarrckpt-load-")
-        try:
-            local = f"{tmp}/{url.rstrip('/').rsplit('/', 1)[-1] or 'object'}"
-            download(url, None, local, e_tag=version)
-            try:
-                source = TorchSaveFile(local, allow_pickle=allow_pickle)
-            except ZarrCkptError as e:  # name the object, not the copy (gone by now)
-                if e.args and isinstance(e.args[0], str):
-                    e.args = (f"{e.args[0].replace(local, url)} [read from {url!r}]",
-                              *e.args[1:])
-                raise
-        finally:
-            remove_tree(tmp)
+        with local_copy(url, prefix="zarrckpt-load-", e_tag=version) as local:
+            source = TorchSaveFile(local, allow_pickle=allow_pickle)
         source.path = url
         source.version = version  # the object's, not the local copy's
         return source

@@ -23,20 +23,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import InvalidPathError, ZarrCkptError
-from ...storage._files import make_dirs, make_temp_dir
+from ...errors import InvalidPathError
+from ...storage._files import make_temp_dir
 from ...storage._local import is_object_url, open_store
-from ...storage._object_config import parse_url
 from ...storage._paths import check_path
 from ...storage._posix import remove_tree
 from ...storage._remote_files import (
     check_dir_destination,
     check_file_destination,
-    download,
-    download_prefix,
     upload,
     upload_dir,
 )
+from .._remote_copy import copy_name, local_copy
 
 __all__ = [
     "LocalOutput",
@@ -67,19 +65,6 @@ def check_paths(src: Any, dst: Any, storage_options: dict[str, Any] | None) -> t
     )
 
 
-def _name(url: str) -> str:
-    """The last component of the URL's key (the local copy keeps the file name:
-    a torch.save archive's record prefix comes from it)."""
-    key = parse_url(url)[2]
-    return key.rsplit("/", 1)[-1] or "object"
-
-
-def _annotate(e: ZarrCkptError, local: str, url: str) -> None:
-    """Say in ``e``'s message that ``local`` is the copy of ``url``."""
-    if e.args and isinstance(e.args[0], str):
-        e.args = (f"{e.args[0]} [{local!r} is the local copy of {url!r}]", *e.args[1:])
-
-
 @contextmanager
 def local_source(
     path: str, *, directory: bool = False, checkpoint: str | None = None, overwrite: bool = False
@@ -101,21 +86,8 @@ def local_source(
         return
     if checkpoint is not None:
         open_store(checkpoint).check_writable(overwrite=overwrite)
-    tmp = make_temp_dir(_TMP_PREFIX)
-    try:
-        local = os.path.join(tmp, _name(path))
-        if directory:
-            make_dirs(local)
-            download_prefix(path, None, local)
-        else:
-            download(path, None, local)
-        try:
-            yield local
-        except ZarrCkptError as e:
-            _annotate(e, local, path)
-            raise
-    finally:
-        remove_tree(tmp)
+    with local_copy(path, prefix=_TMP_PREFIX, directory=directory) as local:
+        yield local
 
 
 def check_destination(path: str, what: str, *, overwrite: bool, directory: bool) -> None:
@@ -166,7 +138,7 @@ def local_destination(
     check_destination(path, what, overwrite=overwrite, directory=directory)
     tmp = make_temp_dir(_TMP_PREFIX)
     try:
-        local = os.path.join(tmp, _name(path))
+        local = os.path.join(tmp, copy_name(path))
         yield LocalOutput(local, False, False)
         if directory:
             upload_dir(local, path, None, overwrite=overwrite)
