@@ -105,8 +105,8 @@ import hashlib, json, sys
 import numpy as np
 import zarr
 
-ckpt, paths = json.loads(sys.stdin.read())
-group = zarr.open_group(ckpt, mode="r")
+target, paths = json.loads(sys.stdin.read())
+{open_group}
 out = {}
 for path in paths:
     data = np.asarray(group[path][...])
@@ -117,19 +117,34 @@ print(json.dumps(out))
 """
 
 
-def plain_zarr_digests(ckpt: str, paths: list[str]) -> dict[str, tuple[str, tuple[int, ...], str]]:
+#: how the reader opens a local checkpoint directory (``target`` is its path)
+_OPEN_LOCAL = 'group = zarr.open_group(target, mode="r")'
+
+
+def plain_zarr_digests(
+    ckpt: Any,
+    paths: list[str],
+    *,
+    open_group: str = _OPEN_LOCAL,
+    env: dict[str, str] | None = None,
+) -> dict[str, tuple[str, tuple[int, ...], str]]:
     """Read arrays with plain zarr-python in a subprocess that never imports zarrckpt.
 
-    Returns ``{array path: (dtype, shape, sha256)}``. The subprocess asserts
-    that neither zarrckpt nor torch got imported (the bfloat16 / float8 data
-    types come from the torch-free zarr plug-in registered by entry point).
+    ``ckpt`` is a checkpoint directory, or for ``open_group`` (Python lines setting
+    ``group`` from the JSON value ``target``: an object store's client) whatever
+    JSON it needs. Returns ``{array path: (dtype, shape, sha256)}``. The
+    subprocess asserts that neither zarrckpt nor torch got imported (the bfloat16
+    / float8 data types come from the torch-free zarr plug-in registered by entry
+    point).
     """
+    local = open_group == _OPEN_LOCAL
     proc = subprocess.run(
-        [PYTHON, "-c", _PLAIN_ZARR_READER],
-        input=json.dumps([os.fspath(ckpt), paths]),
+        [PYTHON, "-c", _PLAIN_ZARR_READER.replace("{open_group}", open_group)],
+        input=json.dumps([os.fspath(ckpt) if local else ckpt, paths]),
         capture_output=True,
         text=True,
-        cwd=os.path.dirname(os.fspath(ckpt)),
+        cwd=os.path.dirname(os.fspath(ckpt)) if local else None,
+        env=env,
         timeout=300,
     )
     assert proc.returncode == 0, f"plain zarr reader failed:\n{proc.stderr[-4000:]}"
@@ -150,6 +165,16 @@ def tensorstore_read(ckpt: Any, path: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def no_env(monkeypatch: Any) -> None:
+    """No AWS credentials in the environment and an endpoint where nothing listens:
+    only ``storage_options`` can reach the test server."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture

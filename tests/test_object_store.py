@@ -131,27 +131,37 @@ zarrckpt.save({"w": torch.arange(5000.0), "v": torch.ones(3)}, url, storage_opti
 """
 
 
-def test_save_killed_before_the_marker_is_invisible(s3_server, s3_url):
-    opts = s3_server.options()
+def check_killed_save_is_invisible(url: str, opts: dict, env: dict[str, str]) -> None:
+    """A save SIGKILLed before its marker (in a subprocess): nothing loads or opens,
+    ``verify`` lists what it left, and the next save (no overwrite needed: nothing
+    was committed) removes it."""
+    from zarrckpt.inspect import verify
+    from zarrckpt.storage._object_config import ObjectPath
+
     proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_SAVE, s3_url, json.dumps(opts)],
+        [sys.executable, "-c", _KILLED_SAVE, url, json.dumps(opts)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **s3_server.env},
+        env={**os.environ, **env},
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
-    store = ObjectStore(s3_url, opts)
+    store = ObjectStore(url, opts)
     left = store.leftovers()
     assert "zarr.json" in left and len(left) == len(store.object_keys()) > 2
     with pytest.raises(IncompleteCheckpointError, match="commit marker"):
-        zarrckpt.load({"w": torch.zeros(5000)}, s3_url, storage_options=opts)
+        zarrckpt.load({"w": torch.zeros(5000)}, url, storage_options=opts)
     with pytest.raises(IncompleteCheckpointError):
-        zarrckpt.open(s3_url, storage_options=opts)
-    # the next save (no overwrite needed: nothing was committed) removes the leftovers
-    zarrckpt.save({"z": torch.ones(2)}, s3_url, storage_options=opts)
+        zarrckpt.open(url, storage_options=opts)
+    report = verify(ObjectPath(url, opts))  # verify lists the dead save's objects
+    assert not report.ok and sorted(report.leftovers) == sorted(left)
+    zarrckpt.save({"z": torch.ones(2)}, url, storage_options=opts)
     assert store.leftovers() == []
-    assert list(zarrckpt.open(s3_url, storage_options=opts)) == ["z"]
+    assert list(zarrckpt.open(url, storage_options=opts)) == ["z"]
+
+
+def test_save_killed_before_the_marker_is_invisible(s3_server, s3_url):
+    check_killed_save_is_invisible(s3_url, s3_server.options(), s3_server.env)
 
 
 def test_failed_save_removes_what_it_wrote(s3_server, s3_url, monkeypatch):

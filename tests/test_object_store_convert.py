@@ -16,14 +16,6 @@ from zarrckpt import convert
 from zarrckpt.errors import InvalidPathError
 
 
-@pytest.fixture
-def no_env(monkeypatch):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
 def _sd() -> dict:
     g = torch.Generator().manual_seed(3)
     return {

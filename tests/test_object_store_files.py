@@ -32,14 +32,6 @@ FROM = {
 
 
 @pytest.fixture
-def no_env(monkeypatch):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-@pytest.fixture
 def tmpdir_env(tmp_path, monkeypatch) -> Path:
     """TMPDIR for the conversions: every test checks that nothing is left in it."""
     d = tmp_path / "tmpdir"

@@ -9,7 +9,6 @@ tests/test_object_store*.py; helpers are shared with them."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -21,14 +20,12 @@ from typing import Any
 import _object_store_cases as cases
 import pytest
 import torch
-from conftest import DTYPES, assert_bits_equal, digest, random_tensor
-from test_object_store import _KILLED_SAVE, _state, _zeros_like
+from conftest import DTYPES, assert_bits_equal, digest, plain_zarr_digests, random_tensor
+from test_object_store import _state, _zeros_like, check_killed_save_is_invisible
 
 import zarrckpt
-from zarrckpt.errors import CheckpointExistsError, IncompleteCheckpointError, InvalidPathError
-from zarrckpt.inspect import verify
+from zarrckpt.errors import CheckpointExistsError, InvalidPathError
 from zarrckpt.storage._object import ObjectStore
-from zarrckpt.storage._object_config import ObjectPath
 from zarrckpt.testing import run_distributed
 
 
@@ -184,27 +181,7 @@ def test_az_large_piece_uses_multipart_and_round_trips(azure_server, az_url):
 
 
 def test_az_save_killed_before_the_marker_is_invisible(azure_server, az_url):
-    opts = azure_server.options()
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_SAVE, az_url, json.dumps(opts)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **azure_server.env},
-    )
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    store = ObjectStore(az_url, opts)
-    left = store.leftovers()
-    assert "zarr.json" in left and len(left) == len(store.object_keys()) > 2
-    with pytest.raises(IncompleteCheckpointError, match="commit marker"):
-        zarrckpt.load({"w": torch.zeros(5000)}, az_url, storage_options=opts)
-    with pytest.raises(IncompleteCheckpointError):
-        zarrckpt.open(az_url, storage_options=opts)
-    report = verify(ObjectPath(az_url, opts))  # verify lists the dead save's objects
-    assert not report.ok and sorted(report.leftovers) == sorted(left)
-    zarrckpt.save({"z": torch.ones(2)}, az_url, storage_options=opts)
-    assert store.leftovers() == []
-    assert list(zarrckpt.open(az_url, storage_options=opts)) == ["z"]
+    check_killed_save_is_invisible(az_url, azure_server.options(), azure_server.env)
 
 
 def test_az_cli_configured_by_environment(azure_server, az_url):
@@ -265,23 +242,14 @@ def test_az_reshard_fsdp2_ws2_to_one_process(azure_server, az_url, tmp_path):
     assert single["mismatched"] == [], single
 
 
-_PLAIN_ZARR_AZ = r"""
-import hashlib, json, sys
-import numpy as np
-import zarr
+#: plain zarr-python on obstore's AzureStore (``target``: container, prefix, account, key,
+#: endpoint)
+_OPEN_AZURE = """
 from obstore.store import AzureStore
-
-container, prefix, account, key, endpoint, paths = json.loads(sys.stdin.read())
+container, prefix, account, key, endpoint = target
 client = AzureStore(container, prefix=prefix, account_name=account, access_key=key,
                     endpoint=endpoint, client_options={"allow_http": True})
 group = zarr.open_group(zarr.storage.ObjectStore(client, read_only=True), mode="r")
-out = {}
-for path in paths:
-    data = np.asarray(group[path][...])
-    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    out[path] = [str(data.dtype), list(data.shape), hashlib.sha256(flat.tobytes()).hexdigest()]
-out["__modules__"] = sorted(m for m in ("zarrckpt", "torch") if m in sys.modules)
-print(json.dumps(out))
 """
 
 
@@ -292,16 +260,13 @@ def test_plain_zarr_reads_every_array_from_az(azure_server, az_url):
     sd = {f"t{i}": random_tensor(d, (9, 4), seed=i) for i, d in enumerate(DTYPES)}
     zarrckpt.save(sd, az_url, storage_options=azure_server.options())
     container, prefix = az_url[len("az://"):].split("/", 1)
-    proc = subprocess.run(
-        [sys.executable, "-c", _PLAIN_ZARR_AZ],
-        input=json.dumps([container, prefix, ACCOUNT, KEY, azure_server.endpoint, sorted(sd)]),
-        capture_output=True, text=True, timeout=300,
+    out = plain_zarr_digests(  # asserts that neither zarrckpt nor torch was imported
+        [container, prefix, ACCOUNT, KEY, azure_server.endpoint],
+        sorted(sd),
+        open_group=_OPEN_AZURE,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out.pop("__modules__") == []  # plain zarr: neither zarrckpt nor torch
     for k, v in sd.items():
-        assert out[k][1:] == [list(digest(v)[1]), digest(v)[2]], k
+        assert out[k][1:] == (digest(v)[1], digest(v)[2]), k
 
 
 # ----------------------------------------------------------------- refusals
