@@ -80,11 +80,11 @@ def detect_format(
         if found is not None:
             return found
         return "dcp" if src_format == "zarrckpt" else "zarrckpt"
+    if is_object_url(p):
+        return _object_format(p, lower)
     found = _checkpoint_format(p)
     if found is not None:
         return found
-    if is_object_url(p):
-        return _object_format(p, lower)
     if is_dir(p):
         raise CheckpointNotFoundError(
             f"{p!r} is a directory but neither a zarrckpt checkpoint nor a DCP checkpoint "
@@ -121,8 +121,12 @@ def _checkpoint_format(p: str) -> str | None:
 
 
 def _object_format(p: str, lower: str) -> str:
-    """The format of the source ``p``, an object-store URL holding no checkpoint."""
+    """The format of the source ``p``, an object-store URL (one listing and HEAD)."""
     entry = probe(p)
+    if entry.zarrckpt:
+        return "zarrckpt"
+    if entry.dcp:
+        return "dcp"
     if entry.kind == "missing":
         raise CheckpointNotFoundError(f"no object and no object below {str(p)!r}")
     if entry.kind == "prefix":
